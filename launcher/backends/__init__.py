@@ -1,0 +1,1 @@
+"""Backends: local (this machine), slurm (sbatch), k8s (PyTorchJob / TrainJob)."""

@@ -1,0 +1,319 @@
+"""The sbatch script of a job: pure text from the spec and the cluster profile, never the live cluster.
+
+Two layers: `sbatch_options()` decides the typed `#SBATCH` options (a dict in a fixed order), and
+`render_script()` formats them and the script body, quoting every value with `shlex.quote`.
+
+What the script does, attempt after attempt (Slurm requeues keep the job id):
+
+1. appends everything to `<run_dir>/logs/attempt-<SLURM_RESTART_COUNT>.log` (`--open-mode=append` keeps
+   the `--output` file of earlier attempts; `%r` is no filename pattern, hence the `exec`);
+2. runs the setup lines (profile, then spec), exports `env` and reads `secrets` from their files;
+3. starts one `torchrun` per node with `srun --kill-on-bad-exit=1` and a c10d rendezvous on the first
+   node, at a port derived from the job id and the attempt;
+4. traps USR1 (`--signal=B:USR1@N`, or `scancel --signal=USR1 --batch`) and TERM and sends SIGTERM to
+   the step: torchrun dies on SIGUSR1 but forwards SIGTERM to the ranks, which save and exit 75;
+5. after the step: DONE -> exit 0. A stop by SIGTERM -> exit (Slurm is cancelling, requeueing or
+   preempting this attempt and decides what follows; a requeue from here would undo an `scancel`).
+   Otherwise (USR1, a failed step, a killed rank) -> `scontrol requeue` while
+   SLURM_RESTART_COUNT < slurm.max_restarts; then the trainer resumes from `latest`.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import PurePosixPath
+
+from launcher.contract import DONE_FILE, LOGS_DIR, SPEC_FILE
+from launcher.errors import UsageError
+from launcher.profile import SlurmProfile
+from launcher.spec import JobSpec
+
+SCRIPT_FILE = "job.sbatch"
+
+# Options `slurm.sbatch_args` may not replace: the script depends on them.
+_FIXED = ("job-name", "nodes", "ntasks-per-node", "requeue", "signal", "open-mode", "output", "chdir")
+
+
+class Raw(str):
+    """A shell expression the renderer must not quote (it expands at run time, e.g. "${MASTER_ADDR}")."""
+
+
+def q(value: object) -> str:
+    return value if isinstance(value, Raw) else shlex.quote(str(value))
+
+
+def runtime(spec: JobSpec, profile: SlurmProfile) -> str:
+    return spec.slurm.container_runtime or profile.container_runtime
+
+
+def account(spec: JobSpec, profile: SlurmProfile) -> str:
+    return spec.slurm.account or profile.default_account or spec.team
+
+
+def partition(spec: JobSpec, profile: SlurmProfile) -> str | None:
+    if spec.slurm.partition:
+        known = [p.name for p in profile.partitions]
+        if known and spec.slurm.partition not in known:
+            raise UsageError(
+                f"slurm.partition {spec.slurm.partition!r} is not a partition of the cluster profile",
+                hint=f"use one of {', '.join(known)}, or add it to the profile",
+            )
+        return spec.slurm.partition
+    return profile.partition_for(spec.resources.gpu_type)
+
+
+def check(spec: JobSpec, profile: SlurmProfile) -> None:
+    """Rules that need the profile: what a container runtime needs, an absolute run directory."""
+    if not PurePosixPath(spec.run_dir).is_absolute():
+        raise UsageError(
+            f"checkpoint.dir resolves to {spec.run_dir!r}, not an absolute path",
+            hint="render a resolved spec (the CLI resolves it against the current directory)",
+        )
+    rt = runtime(spec, profile)
+    if rt != "none":
+        if not spec.image:
+            raise UsageError(
+                f"the {rt} container runtime needs an image, and the spec has none",
+                hint="set image: (build it from images/Dockerfile) or --set slurm.container_runtime=none",
+            )
+        root = PurePosixPath(profile.shared_root)
+        if not PurePosixPath(spec.run_dir).is_relative_to(root):
+            raise UsageError(
+                f"the run directory {spec.run_dir} is not under the shared storage {root} mounted into the container",
+                hint=f"set checkpoint.dir under {root}, or shared_root in the cluster profile",
+            )
+
+
+def sbatch_options(spec: JobSpec, profile: SlurmProfile) -> dict[str, str | None]:
+    """The #SBATCH options, in the order they are written; None means a flag without a value."""
+    check(spec, profile)
+    d, r, s = spec.distributed, spec.resources, spec.slurm
+    opts: dict[str, str | None] = {
+        "job-name": spec.name,
+        "nodes": str(d.nodes),
+        "ntasks-per-node": "1",
+    }
+    if profile.use_gpus_per_node:
+        opts["gpus-per-node"] = str(d.gpus_per_node)
+    else:
+        opts["gres"] = f"gpu:{d.gpus_per_node}"
+    opts["cpus-per-task"] = str(r.cpus_per_gpu * d.gpus_per_node)
+    opts["mem"] = r.mem_per_node
+    opts["time"] = r.time_limit
+    part = partition(spec, profile)
+    if part:
+        opts["partition"] = part
+    opts["account"] = account(spec, profile)
+    qos = s.qos or profile.default_qos
+    if qos:
+        opts["qos"] = qos
+    if s.constraint:
+        opts["constraint"] = s.constraint
+    if s.exclusive:
+        opts["exclusive"] = None
+    opts["requeue"] = None
+    opts["signal"] = f"B:USR1@{s.signal_seconds}"
+    opts["open-mode"] = "append"
+    opts["output"] = f"{spec.run_dir}/{LOGS_DIR}/slurm-%j.out"
+    opts["chdir"] = spec.run_dir
+    for key, value in sorted(s.sbatch_args.items()):
+        if key in _FIXED:
+            raise UsageError(
+                f"slurm.sbatch_args.{key} would replace an option the script relies on",
+                hint=f"remove it; the script sets --{key} itself (use the spec's fields to change it)",
+            )
+        opts[key] = value
+    return opts
+
+
+def _container_args(spec: JobSpec, profile: SlurmProfile) -> list[str]:
+    rt = runtime(spec, profile)
+    mounts = [f"{profile.shared_root}:{profile.shared_root}", *spec.slurm.container_mounts]
+    if rt == "pyxis":
+        return [
+            f"--container-image={pyxis_image(spec.image or '')}",
+            f"--container-mounts={','.join(mounts)}",
+            "--no-container-mount-home",
+            f"--container-workdir={spec.run_dir}",
+        ]
+    return []
+
+
+def _wrapper(spec: JobSpec, profile: SlurmProfile) -> list[str]:
+    """What runs torchrun inside the step: apptainer, or nothing (pyxis takes srun flags)."""
+    if runtime(spec, profile) != "apptainer":
+        return []
+    mounts = [f"{profile.shared_root}:{profile.shared_root}", *spec.slurm.container_mounts]
+    return ["apptainer", "exec", "--nv", "--bind", ",".join(mounts), "--pwd", spec.run_dir,
+            apptainer_image(spec.image or "")]
+
+
+def pyxis_image(image: str) -> str:
+    """enroot's image syntax: `ghcr.io/org/img:tag` -> `ghcr.io#org/img:tag`; a path (a .sqsh file) as is."""
+    if image.startswith(("/", "./")) or "#" in image:
+        return image
+    first, _, rest = image.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        return f"{first}#{rest}"
+    return image
+
+
+def apptainer_image(image: str) -> str:
+    """A .sif path or a URI as is; a registry reference becomes `docker://...`."""
+    if image.startswith("/") or image.endswith(".sif") or "://" in image:
+        return image
+    return f"docker://{image}"
+
+
+def _secret_path(path: str) -> str:
+    """A secret file path for the shell: `~/x` expands at run time on the cluster, the rest is quoted."""
+    if path == "~" or path.startswith("~/"):
+        rest = path[2:]
+        return '"${HOME}"' + (f"/{shlex.quote(rest)}" if rest else "")
+    return shlex.quote(path)
+
+
+def _line(words: list[str], indent: str = "  ") -> str:
+    """Words joined into one shell command, continued over lines of at most ~100 characters."""
+    lines, cur = [], ""
+    for word in words:
+        if cur and len(cur) + 1 + len(word) > 96:
+            lines.append(cur + " \\")
+            cur = indent + word
+        else:
+            cur = f"{cur} {word}" if cur else word
+    lines.append(cur)
+    return "\n".join(lines)
+
+
+def render_script(spec: JobSpec, profile: SlurmProfile, trainer: list[str]) -> str:
+    """The batch script. `trainer` is the torchrun command (Raw items are left unquoted)."""
+    opts = sbatch_options(spec, profile)
+    d, s = spec.distributed, spec.slurm
+    rt = runtime(spec, profile)
+    out: list[str] = [
+        "#!/bin/bash",
+        f"# mbl: {spec.kind} job {spec.name}: {d.nodes} node(s) x {d.gpus_per_node} GPU(s), "
+        f"container runtime {rt}.",
+        f"# Rendered by `mbl render --slurm`; submitted with `sbatch --parsable {SCRIPT_FILE}`.",
+        "# Logs: logs/attempt-<SLURM_RESTART_COUNT>.log in the run directory.",
+    ]
+    for key, value in opts.items():
+        out.append(f"#SBATCH --{key}" if value is None else f"#SBATCH --{key}={q(value)}")
+
+    out += [
+        "",
+        "# Each attempt (the first run, then every requeue) appends to a log of its own.",
+        'attempt="${SLURM_RESTART_COUNT:-0}"',
+        f"cd {q(spec.run_dir)} || exit 1",
+        f"mkdir -p {LOGS_DIR}",
+        f'exec >>"{LOGS_DIR}/attempt-${{attempt}}.log" 2>&1',
+        'echo "mbl: job ${SLURM_JOB_ID} attempt ${attempt} on ${SLURM_JOB_NODELIST} at $(date -u +%FT%TZ)"',
+        "",
+        "set -eo pipefail",
+    ]
+    setup = [*profile.setup, *s.setup]
+    if setup and rt == "none":
+        out += ["# Setup: the cluster profile's lines, then the spec's.", *setup]
+    elif setup:
+        out += ["# Setup on the host (the trainer itself runs in the container).", *setup]
+
+    env = {"MBL_JOB_NAME": spec.name, "MBL_RUN_DIR": spec.run_dir, "PYTHONUNBUFFERED": "1", **spec.env}
+    out += ["", "# Environment (spec.env)."]
+    out += [f"export {k}={q(v)}" for k, v in env.items()]
+    if spec.secrets:
+        out += ["", "# Secrets: read from files on the cluster at run time, never written into this script."]
+        for name, ref in sorted(spec.secrets.items()):
+            if not ref.file:
+                raise UsageError(
+                    f"secrets.{name} has no `file`, and Slurm jobs read secrets from files",
+                    hint=f"set secrets.{name}.file to a file on the cluster (mode 600) holding the value",
+                )
+            out += [f'{name}="$(cat {_secret_path(ref.file)})"', f"export {name}"]
+    out += [
+        "set +e",
+        "",
+        "# Rendezvous: the first node hosts torchrun's c10d store, at a port that follows the job id and attempt.",
+        'MASTER_ADDR="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"',
+        "MASTER_PORT=$((15000 + SLURM_JOB_ID % 10000 * 4 + attempt % 4))",
+        "export MASTER_ADDR MASTER_PORT",
+        "",
+        "# Preemption: USR1 (the time limit, `scancel --signal=USR1 --batch`) and TERM (scancel, requeue) become",
+        "# SIGTERM to the step; torchrun forwards it to every rank, which saves a checkpoint and exits 75.",
+        f"max_restarts={s.max_restarts}",
+        'stop_signal=""',
+        'srun_pid=""',
+        "forward_signal() {",
+        '  stop_signal="$1"',
+        '  echo "mbl: SIG$1 at $(date -u +%FT%TZ): asking the trainer to save a checkpoint and exit"',
+        '  if [[ -n "${srun_pid}" ]]; then',
+        '    kill -TERM "${srun_pid}" 2>/dev/null || true',
+        "  fi",
+        "}",
+        "trap 'forward_signal USR1' USR1",
+        "trap 'forward_signal TERM' TERM",
+        "",
+        "# One task per node; each runs torchrun with gpus_per_node ranks. A failed node ends the step.",
+        "rc=0",
+        'if [[ -z "${stop_signal}" ]]; then',
+    ]
+    srun = [
+        "srun", f"--nodes={d.nodes}", f"--ntasks={d.nodes}", "--ntasks-per-node=1",
+        f"--cpus-per-task={opts['cpus-per-task']}", "--kill-on-bad-exit=1", "--label",
+        *_container_args(spec, profile), *_wrapper(spec, profile),
+    ]
+    out += [_line(["  " + q(srun[0]), *(q(w) for w in srun[1:]), *(q(w) for w in trainer), "&"], "      ")]
+    out += [
+        "  srun_pid=$!",
+        "  while true; do",
+        '    wait "${srun_pid}"',
+        "    rc=$?",
+        '    kill -0 "${srun_pid}" 2>/dev/null || break  # a trapped signal interrupted the wait',
+        "  done",
+        "fi",
+        'echo "mbl: the step ended with exit code ${rc}"',
+        "",
+        f"if [[ -f {DONE_FILE} ]]; then",
+        '  echo "mbl: DONE: the job is complete"',
+        "  exit 0",
+        "fi",
+        'if [[ "${stop_signal}" == TERM ]]; then',
+        '  echo "mbl: stopped by SIGTERM (scancel, scontrol requeue, preemption or the time limit)"',
+        '  exit "${rc}"',
+        "fi",
+        'if [[ -z "${stop_signal}" && "${rc}" -eq 0 ]]; then',
+        f'  echo "mbl: warning: the trainer exited 0 without writing {DONE_FILE}"',
+        "  exit 0",
+        "fi",
+        'if ((attempt < max_restarts)); then',
+        '  echo "mbl: requeueing: restart $((attempt + 1)) of at most ${max_restarts}; the trainer resumes from latest"',
+        '  if scontrol requeue "${SLURM_JOB_ID}"; then',
+        "    exit 0",
+        "  fi",
+        '  echo "mbl: scontrol requeue failed"',
+        "fi",
+        'echo "mbl: giving up after ${attempt} restart(s) (slurm.max_restarts=${max_restarts})"',
+        'exit "$((rc == 0 ? 1 : rc))"',
+    ]
+    return "\n".join(out) + "\n"
+
+
+def trainer_words(spec: JobSpec) -> list[str]:
+    """torchrun with a c10d rendezvous across the job's nodes (the common trainer_command of all backends)."""
+    from launcher.backends.local import trainer_command
+
+    extra = [
+        f"--nnodes={spec.distributed.nodes}",
+        "--rdzv-backend=c10d",
+        Raw('--rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT}"'),
+        Raw('--rdzv-id="${SLURM_JOB_ID}-${attempt}"'),
+        "--max-restarts=0",
+    ]
+    return trainer_command(spec, spec.distributed.gpus_per_node, extra)
+
+
+def script(spec: JobSpec, profile: SlurmProfile) -> str:
+    return render_script(spec, profile, trainer_words(spec))
+
+
+__all__ = ["SCRIPT_FILE", "SPEC_FILE", "script", "sbatch_options", "pyxis_image", "apptainer_image", "account"]

@@ -1,0 +1,312 @@
+"""YAML -> JobSpec: `extends:`, `--set a.b=value`, `${env:NAME}`, and errors that say where and how to fix.
+
+Every value remembers where it came from (file and line, or the `--set` that gave it), so that a
+validation error can point at the line to edit.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from launcher.errors import SpecError, SpecProblem
+from launcher.spec import JobSpec
+
+Path_ = tuple[str | int, ...]
+ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+MAX_EXTENDS_DEPTH = 8
+
+
+@dataclass
+class Origins:
+    """Where each value of a merged document came from: path -> (file, line)."""
+
+    where: dict[Path_, tuple[str, int | None]] = field(default_factory=dict)
+
+    def lookup(self, path: Path_) -> tuple[str, int | None]:
+        # The nearest recorded ancestor: an error about `train` points at the `train:` line.
+        for cut in range(len(path), -1, -1):
+            if path[:cut] in self.where:
+                return self.where[path[:cut]]
+        return ("<spec>", None)
+
+
+def _compose(text: str, source: str) -> tuple[Any, dict[Path_, tuple[str, int | None]]]:
+    """Safe-load YAML and record the line of every key."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise SpecError([SpecProblem(source, line, (), None, f"not valid YAML: {getattr(exc, 'problem', exc)}")])
+    lines: dict[Path_, tuple[str, int | None]] = {}
+
+    def walk(n: yaml.Node, path: Path_) -> None:
+        lines[path] = (source, n.start_mark.line + 1)
+        if isinstance(n, yaml.MappingNode):
+            for key_node, value_node in n.value:
+                child = path + (key_node.value,)
+                walk(value_node, child)
+                lines[child] = (source, key_node.start_mark.line + 1)
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                walk(item, path + (i,))
+
+    if node is not None:
+        walk(node, ())
+    return data, lines
+
+
+def _interpolate(value: Any, path: Path_, origins: Origins, problems: list[SpecProblem]) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, path + (k,), origins, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, path + (i,), origins, problems) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        source, line = origins.lookup(path)
+        problems.append(
+            SpecProblem(source, line, path, value, f"environment variable {name} is not set; export it or write "
+                        f"${{env:{name}:-default}}")
+        )
+        return ""
+
+    return ENV_REF.sub(replace, value)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` wins; mappings merge key by key, everything else (lists included) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read(path: Path, origins: Origins, depth: int = 0) -> dict[str, Any]:
+    source = str(path)
+    if depth > MAX_EXTENDS_DEPTH:
+        raise SpecError([SpecProblem(source, None, ("extends",), None, "`extends` nests too deep (a cycle?)")])
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError([SpecProblem(source, None, (), None, f"cannot read the spec: {exc.strerror}")])
+    data, lines = _compose(text, source)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError([SpecProblem(source, 1, (), type(data).__name__, "a spec is a YAML mapping (key: value)")])
+    parent = data.pop("extends", None)
+    if parent is None:
+        origins.where.update(lines)
+        return data
+    if not isinstance(parent, str):
+        raise SpecError([SpecProblem(source, lines.get(("extends",), (source, None))[1], ("extends",), parent,
+                                     "`extends` takes one file path, relative to this file")])
+    parent_path = (path.parent / parent).resolve()
+    base = _read(parent_path, origins, depth + 1)
+    origins.where.update(lines)  # the child's lines win where it sets a value
+    return deep_merge(base, data)
+
+
+def _parse_set(expr: str) -> tuple[Path_, Any]:
+    if "=" not in expr:
+        raise SpecError([SpecProblem("--set", None, (), expr, "expected KEY.PATH=VALUE, for example train.lr=3e-4")])
+    key, raw = expr.split("=", 1)
+    parts = tuple(key.strip().split("."))
+    if not all(parts):
+        raise SpecError([SpecProblem("--set", None, (), expr, "expected KEY.PATH=VALUE, for example train.lr=3e-4")])
+    # Values stay strings and Pydantic converts them to the field's type ("3" -> 3 for an int field, but
+    # "123" stays "123" for a string field). Flow collections and null are parsed as YAML.
+    value: Any = raw
+    stripped = raw.strip()
+    if stripped[:1] in ("[", "{") or stripped in ("null", "~"):
+        try:
+            value = yaml.safe_load(stripped)
+        except yaml.YAMLError as exc:
+            raise SpecError([SpecProblem("--set", None, parts, raw, f"not valid YAML: {exc}")])
+    return parts, value
+
+
+def apply_sets(data: dict[str, Any], sets: list[str], origins: Origins) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for expr in sets:
+        parts, value = _parse_set(expr)
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+        origins.where[parts] = (f"--set {expr}", None)
+    return data
+
+
+def load_data(path: str | Path, sets: list[str] | None = None) -> tuple[dict[str, Any], Origins]:
+    """The merged, interpolated document and where each value came from."""
+    origins = Origins()
+    data = _read(Path(path).resolve() if not Path(path).is_absolute() else Path(path), origins)
+    # Keep file names as the user typed them in messages.
+    shown = str(path)
+    resolved = str(Path(path).resolve())
+    origins.where = {k: ((shown if f == resolved else f), ln) for k, (f, ln) in origins.where.items()}
+    data = apply_sets(data, sets or [], origins)
+    problems: list[SpecProblem] = []
+    data = _interpolate(data, (), origins, problems)
+    if problems:
+        raise SpecError(problems)
+    return data, origins
+
+
+def load_spec(path: str | Path, sets: list[str] | None = None) -> JobSpec:
+    data, origins = load_data(path, sets)
+    return validate_data(data, origins)
+
+
+def validate_data(data: dict[str, Any], origins: Origins) -> JobSpec:
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = explain(exc, data, origins)
+        problems += _cross_field_despite(exc, data, origins, problems)
+        raise SpecError(problems) from None
+
+
+def _cross_field_despite(
+    exc: ValidationError, data: dict[str, Any], origins: Origins, found: list[SpecProblem]
+) -> list[SpecProblem]:
+    """Cross-field rules run only once every field is valid; run them anyway, with the broken fields removed,
+    so that one pass reports every problem. Messages that involve a removed field are dropped."""
+    removed = [tuple(e["loc"]) for e in exc.errors() if e["loc"]]
+    if not removed or any(len(loc) == 0 for loc in removed):
+        return []
+    trimmed = copy.deepcopy(data)
+    for loc in removed:
+        node = trimmed
+        for part in loc[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict):
+            node.pop(loc[-1], None)
+    try:
+        JobSpec.model_validate(trimmed)
+        return []
+    except ValidationError as again:
+        names = {".".join(str(p) for p in loc) for loc in removed}
+        seen = {p.message for p in found}
+        extra = []
+        for problem in explain(again, trimmed, origins):
+            if problem.message in seen or any(n in problem.message for n in names):
+                continue
+            if ".".join(str(p) for p in problem.path) in names:
+                continue
+            extra.append(problem)
+        return extra
+
+
+# ---- turning Pydantic's errors into actionable ones ----------------------------------------------
+
+
+def _model_at(path: Path_) -> type[BaseModel] | None:
+    """The Pydantic model whose fields live at `path` (for "did you mean" suggestions)."""
+    model: Any = JobSpec
+    for part in path:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        info = model.model_fields.get(str(part))
+        if info is None:
+            return None
+        model = _unwrap(info.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return annotation
+
+
+def _allowed(ctx: dict[str, Any] | None) -> str:
+    if not ctx:
+        return ""
+    if "expected" in ctx:
+        return f"allowed: {ctx['expected']}"
+    for key, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if key in ctx:
+            return f"allowed: {word} {ctx[key]}"
+    return ""
+
+
+def _get(data: Any, path: Path_) -> Any:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def explain(exc: ValidationError, data: dict[str, Any], origins: Origins) -> list[SpecProblem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc: Path_ = tuple(err["loc"])
+        # Drop Pydantic's union-branch markers (e.g. 'int', 'str') from the path.
+        loc = tuple(p for p in loc if not (isinstance(p, str) and p in {"int", "float", "bool", "str"}))
+        given = err.get("input")
+        source, line = origins.lookup(loc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            parent, key = loc[:-1], str(loc[-1])
+            model = _model_at(parent)
+            fields = sorted(model.model_fields) if model else []
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            msg = f"unknown key `{key}`; {hint}allowed here: {', '.join(fields)}"
+            problems.append(SpecProblem(source, line, loc, None, msg))
+            continue
+        if kind == "missing":
+            problems.append(SpecProblem(source, line, loc, None, "is required"))
+            continue
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        allowed = _allowed(err.get("ctx"))
+        if allowed and allowed not in msg:
+            msg = f"{msg} ({allowed})"
+        if loc == () or kind == "value_error" and isinstance(given, dict):
+            # A cross-field rule: report each part against the first field it names.
+            for part in msg.split("\n"):
+                field_path = _first_field(part)
+                src, ln = origins.lookup(field_path) if field_path else (source, line)
+                problems.append(SpecProblem(src, ln, field_path or loc, None, part))
+            continue
+        problems.append(SpecProblem(source, line, loc, given if given is not None else _get(data, loc), msg))
+    return problems
+
+
+_FIELD_REF = re.compile(r"\b((?:model|data|task|train|distributed|resources|checkpoint|export|slurm|k8s)\.[a-z_]+)")
+
+
+def _first_field(text: str) -> Path_:
+    match = _FIELD_REF.search(text)
+    return tuple(match.group(1).split(".")) if match else ()

@@ -1,0 +1,108 @@
+"""Cluster profiles: the facts about a cluster that rendering needs, read from a file, never the live cluster.
+
+Found at `--profile PATH`, else `$MBL_PROFILE`, else `~/.config/mbl/profile.yaml` (XDG_CONFIG_HOME
+respected); with none, built-in defaults for a recent Slurm and a plain Kubernetes cluster apply.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from launcher.errors import SpecError, SpecProblem, UsageError
+from launcher.spec import Strict, Toleration
+
+
+class Partition(Strict):
+    name: str
+    gpu_types: list[str] = Field(default_factory=list, description="GPU models in this partition (e.g. h100).")
+    default: bool = False
+
+
+class SlurmProfile(Strict):
+    version: str = Field("23.11", description="Slurm version (decides how GPUs are requested).")
+    partitions: list[Partition] = Field(default_factory=list)
+    default_account: str | None = None
+    default_qos: str | None = None
+    container_runtime: Literal["pyxis", "apptainer", "none"] = "pyxis"
+    shared_root: str = Field("/shared", description="Shared storage mounted on every node (and into containers).")
+    gpus_per_node_flag: bool | None = Field(
+        None, description="Use --gpus-per-node (Slurm >= 19.05); unset decides by version, false uses --gres=gpu:N."
+    )
+    setup: list[str] = Field(default_factory=list, description="Shell lines every job runs first (modules, venv).")
+
+    @property
+    def version_tuple(self) -> tuple[int, ...]:
+        return tuple(int(p) for p in self.version.split(".")[:2] if p.isdigit())
+
+    def partition_for(self, gpu_type: str | None) -> str | None:
+        if gpu_type:
+            for part in self.partitions:
+                if gpu_type in part.gpu_types:
+                    return part.name
+            known = sorted({t for p in self.partitions for t in p.gpu_types})
+            if self.partitions:
+                raise UsageError(
+                    f"no partition of the cluster profile has GPU type {gpu_type!r}",
+                    hint=f"set resources.gpu_type to one of {', '.join(known) or '(none listed)'} or slurm.partition",
+                )
+        for part in self.partitions:
+            if part.default:
+                return part.name
+        return None
+
+    @property
+    def use_gpus_per_node(self) -> bool:
+        if self.gpus_per_node_flag is not None:
+            return self.gpus_per_node_flag
+        return self.version_tuple >= (19, 5)
+
+
+class GpuType(Strict):
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    resource: str = Field("nvidia.com/gpu", description="Extended resource name of this GPU.")
+
+
+class K8sProfile(Strict):
+    gpu_types: dict[str, GpuType] = Field(default_factory=dict)
+    default_namespace: str | None = None
+
+
+class Profile(Strict):
+    name: str = "default"
+    slurm: SlurmProfile = Field(default_factory=SlurmProfile)
+    k8s: K8sProfile = Field(default_factory=K8sProfile)
+
+
+def default_path() -> Path:
+    if os.environ.get("MBL_PROFILE"):
+        return Path(os.environ["MBL_PROFILE"])
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "mbl" / "profile.yaml"
+
+
+def load_profile(path: str | Path | None = None) -> Profile:
+    """The profile at `path`; with no path, the default location if it exists, else built-in defaults."""
+    explicit = path is not None or bool(os.environ.get("MBL_PROFILE"))
+    target = Path(path) if path else default_path()
+    if not target.exists():
+        if explicit:
+            raise UsageError(f"cluster profile {target} does not exist", hint="pass --profile PATH to an existing file")
+        return Profile()
+    try:
+        data = yaml.safe_load(target.read_text()) or {}
+        return Profile.model_validate(data)
+    except yaml.YAMLError as exc:
+        raise SpecError([SpecProblem(str(target), None, (), None, f"not valid YAML: {exc}")]) from None
+    except ValidationError as exc:
+        problems = [
+            SpecProblem(str(target), None, tuple(e["loc"]), e.get("input") if not isinstance(e.get("input"), dict)
+                        else None, e["msg"])
+            for e in exc.errors(include_url=False)
+        ]
+        raise SpecError(problems) from None

@@ -1,0 +1,371 @@
+"""Team GPU quotas: one policy file -> a pre-check before submit, live use, cluster-native enforcement, reports.
+
+The policy (YAML, validated like the job spec):
+
+    teams:
+      nlp:
+        gpus: 4                 # GPUs the team may hold at once (running + pending)
+        gpus_by_type: {h100: 4} # optional, per GPU type
+        max_gpus_per_job: 4
+        max_wall: 1-00:00:00
+        partitions: [gpu]       # Slurm partitions (empty: any)
+        queues: [nlp]           # Kueue LocalQueues (empty: any)
+        priority: mbl-batch     # default PriorityClass / QoS
+
+The cluster's own enforcement (Slurm GrpTRES, Kubernetes ResourceQuota / Kueue) stays the backstop for races:
+`mbl quota apply` / `mbl quota render` produce it from the same file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from launcher.errors import BackendError, SpecError, SpecProblem, UsageError
+from launcher.spec import DNS_1035, JobSpec, Strict, parse_time_limit
+
+QUOTA_EXIT_CODE = 2
+
+
+class TeamPolicy(Strict):
+    gpus: int = Field(ge=0, description="GPUs the team may hold at once (running and pending jobs).")
+    gpus_by_type: dict[str, int] = Field(default_factory=dict, description="Per GPU type limits.")
+    max_gpus_per_job: int | None = Field(None, ge=1, description="The most GPUs one job may take.")
+    max_wall: str | None = Field(None, description="The longest wall time of a job, in Slurm's format.")
+    partitions: list[str] = Field(default_factory=list, description="Slurm partitions allowed (empty: any).")
+    queues: list[str] = Field(default_factory=list, description="Kueue LocalQueues allowed (empty: any).")
+    priority: str | None = Field(None, description="Default priority: Slurm QoS / Kubernetes PriorityClass.")
+    namespace: str | None = Field(None, description="Kubernetes namespace of the team's jobs (default: the team).")
+
+    @field_validator("max_wall")
+    @classmethod
+    def _wall(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_time_limit(value)
+        return value
+
+
+class QuotaPolicy(Strict):
+    cluster_gpus: int | None = Field(None, ge=0, description="GPUs in the whole cluster (for Kueue's nominal quota).")
+    teams: dict[str, TeamPolicy]
+
+    @field_validator("teams")
+    @classmethod
+    def _names(cls, value: dict[str, TeamPolicy]) -> dict[str, TeamPolicy]:
+        for name in value:
+            if not DNS_1035.match(name):
+                raise ValueError(f"team {name!r} must be a DNS-1035 label (it names accounts and queues)")
+        return value
+
+
+def load_policy(path: str | Path) -> QuotaPolicy:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise UsageError(f"cannot read the quota policy {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError([SpecProblem(str(path), None, (), None, f"not valid YAML: {exc}")]) from None
+    try:
+        return QuotaPolicy.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError([
+            SpecProblem(str(path), None, tuple(e["loc"]), None if isinstance(e.get("input"), dict) else e.get("input"),
+                        e["msg"].removeprefix("Value error, "))
+            for e in exc.errors(include_url=False)
+        ]) from None
+
+
+# ---- live use ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Usage:
+    team: str
+    running: int = 0
+    pending: int = 0
+    limit: int | None = None
+    jobs: int = 0
+
+    @property
+    def in_use(self) -> int:
+        return self.running + self.pending
+
+
+_GPU_IN_TRES = re.compile(r"gres/gpu(?::[\w.-]+)?=(\d+)|gres:gpu(?::[\w.-]+)?:(\d+)|gpu(?::[\w.-]+)?:(\d+)")
+
+
+def gpus_in_tres(text: str) -> int:
+    """GPUs in a Slurm TRES string: 'cpu=2,gres/gpu=4', 'gres:gpu:4', 'gres/gpu:h100=8', 'gpu:2'."""
+    best = 0
+    for match in _GPU_IN_TRES.finditer(text or ""):
+        value = int(next(g for g in match.groups() if g is not None))
+        best = max(best, value)  # a typed and an untyped entry name the same GPUs
+    return best
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise BackendError(f"{cmd[0]} not found", hint="run on a Slurm login node, or source the cluster's env") from None
+    if proc.returncode:
+        raise BackendError(f"{shlex.join(cmd)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def parse_squeue(text: str) -> dict[str, Usage]:
+    """Lines of `squeue -h -o '%a|%T|%D|%b|%i'`: account, state, nodes, GPUs per node (tres-per-node)."""
+    usage: dict[str, Usage] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        account, state, nodes, per_node, *_ = line.split("|") + ["", "", "", ""]
+        gpus = gpus_in_tres(per_node) * (int(nodes) if nodes.isdigit() else 1)
+        entry = usage.setdefault(account, Usage(account))
+        entry.jobs += 1
+        if state in ("RUNNING", "COMPLETING", "SUSPENDED", "CONFIGURING", "STOPPED"):
+            entry.running += gpus
+        elif state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING"):
+            entry.pending += gpus
+    return usage
+
+
+def parse_sacctmgr_limits(text: str) -> dict[str, int | None]:
+    """Lines of `sacctmgr -nP show assoc format=account,user,grptres`: the account-level GPU limit."""
+    limits: dict[str, int | None] = {}
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) < 3:
+            continue
+        account, user, grptres = parts[0], parts[1], parts[2]
+        if user:  # a user association; the account's own row (no user) carries GrpTRES
+            limits.setdefault(account, None)
+            continue
+        limits[account] = gpus_in_tres(grptres) if "gpu" in grptres else None
+    return limits
+
+
+def slurm_usage() -> dict[str, Usage]:
+    usage = parse_squeue(_run(["squeue", "-h", "-a", "-o", "%a|%T|%D|%b|%i"]))
+    limits = parse_sacctmgr_limits(_run(["sacctmgr", "-nP", "show", "assoc", "format=account,user,grptres"]))
+    for account, limit in limits.items():
+        usage.setdefault(account, Usage(account)).limit = limit
+    return usage
+
+
+# ---- the pre-check ---------------------------------------------------------------------------------
+
+
+def check_job(spec: JobSpec, policy: QuotaPolicy, usage: Usage | None, partition: str | None = None) -> list[str]:
+    """Why this job would break its team's share; empty when it fits."""
+    team = policy.teams.get(spec.team)
+    if team is None:
+        return [f"team {spec.team!r} has no quota in the policy (teams: {', '.join(sorted(policy.teams))})"]
+    asked = spec.total_gpus
+    problems = []
+    if team.max_gpus_per_job is not None and asked > team.max_gpus_per_job:
+        problems.append(f"team {spec.team}: the job asks {asked} GPUs, at most {team.max_gpus_per_job} per job")
+    in_use = usage.in_use if usage else 0
+    if in_use + asked > team.gpus:
+        problems.append(
+            f"team {spec.team}: the job asks {asked} GPUs, {in_use} are in use (running or pending), "
+            f"{team.gpus} allowed; wait for a job to end or ask for {max(0, team.gpus - in_use)} GPUs"
+        )
+    gpu_type = spec.resources.gpu_type
+    if gpu_type and gpu_type in team.gpus_by_type and asked > team.gpus_by_type[gpu_type]:
+        problems.append(f"team {spec.team}: the job asks {asked} {gpu_type} GPUs, {team.gpus_by_type[gpu_type]} allowed")
+    if team.max_wall and spec.resources.time_limit_seconds > parse_time_limit(team.max_wall):
+        problems.append(f"team {spec.team}: time limit {spec.resources.time_limit} exceeds the longest allowed, "
+                        f"{team.max_wall}")
+    if partition and team.partitions and partition not in team.partitions:
+        problems.append(f"team {spec.team}: partition {partition!r} not allowed ({', '.join(team.partitions)})")
+    if spec.k8s.queue and team.queues and spec.k8s.queue not in team.queues:
+        problems.append(f"team {spec.team}: queue {spec.k8s.queue!r} not allowed ({', '.join(team.queues)})")
+    return problems
+
+
+class QuotaExceeded(UsageError):
+    exit_code = QUOTA_EXIT_CODE
+
+
+def precheck(cluster: str, spec: JobSpec, policy_path: str, profile: str | None = None) -> None:
+    policy = load_policy(policy_path)
+    usage: Usage | None = None
+    if cluster == "slurm":
+        account = spec.slurm.account or spec.team
+        usage = slurm_usage().get(account, Usage(account))
+    problems = check_job(spec, policy, usage, spec.slurm.partition)
+    if problems:
+        raise QuotaExceeded("; ".join(problems), hint="`mbl quota show` shows each team's use; --no-quota-check skips "
+                            "this check (the cluster still enforces its own limits)")
+
+
+def show_rows(policy: QuotaPolicy | None, usage: dict[str, Usage], team: str | None = None) -> list[dict[str, Any]]:
+    names = sorted(set(policy.teams) if policy else set(usage))
+    rows = []
+    for name in names:
+        if team and name != team:
+            continue
+        use = usage.get(name, Usage(name))
+        allowed = policy.teams[name].gpus if policy and name in policy.teams else use.limit
+        rows.append({
+            "team": name, "running_gpus": use.running, "pending_gpus": use.pending, "in_use": use.in_use,
+            "limit": allowed, "cluster_limit": use.limit, "jobs": use.jobs,
+            "free": None if allowed is None else max(0, allowed - use.in_use),
+        })
+    return rows
+
+
+# ---- enforcement on the cluster ------------------------------------------------------------------
+
+
+def slurm_apply_commands(policy: QuotaPolicy, cluster_name: str | None = None) -> list[list[str]]:
+    """The sacctmgr commands that make Slurm enforce the policy (accounts, GrpTRES, MaxTRESPerJob, MaxWall)."""
+    commands = []
+    for name, team in sorted(policy.teams.items()):
+        add = ["sacctmgr", "-i", "add", "account", name, f"Description=mbl team {name}"]
+        if cluster_name:
+            add.append(f"Cluster={cluster_name}")
+        commands.append(add)
+        settings = [f"GrpTRES=gres/gpu={team.gpus}"]
+        settings.append(f"MaxTRESPerJob=gres/gpu={team.max_gpus_per_job}" if team.max_gpus_per_job
+                        else "MaxTRESPerJob=gres/gpu=-1")
+        settings.append(f"MaxWall={team.max_wall}" if team.max_wall else "MaxWall=-1")
+        commands.append(["sacctmgr", "-i", "modify", "account", "where", f"name={name}", "set", *settings])
+    return commands
+
+
+def slurm_apply(policy: QuotaPolicy, run: bool) -> list[str]:
+    done = []
+    for cmd in slurm_apply_commands(policy):
+        line = shlex.join(cmd)
+        if run:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            out = (proc.stdout + proc.stderr).strip()
+            # `add account` of an existing account is not an error worth stopping for
+            if proc.returncode and "Nothing new added" not in out and "already exists" not in out:
+                raise BackendError(f"{line} failed: {out}")
+        done.append(line)
+    return done
+
+
+def k8s_objects(policy: QuotaPolicy) -> list[dict[str, Any]]:
+    """Per team: a ResourceQuota on requests.nvidia.com/gpu in the team's namespace, a Kueue ClusterQueue with
+    the team's nominal GPU quota and LocalQueues in the team's namespace; one shared ResourceFlavor."""
+    labels = {"app.kubernetes.io/part-of": "mbl", "app.kubernetes.io/managed-by": "mbl"}
+    objects: list[dict[str, Any]] = [{
+        "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "ResourceFlavor",
+        "metadata": {"name": "default-gpu", "labels": labels}, "spec": {},
+    }]
+    for name, team in sorted(policy.teams.items()):
+        team_labels = {**labels, "mbl.dev/team": name}
+        ns = team.namespace or name
+        objects.append({
+            "apiVersion": "v1", "kind": "ResourceQuota",
+            "metadata": {"name": f"gpu-quota-{name}", "namespace": ns, "labels": team_labels},
+            "spec": {"hard": {"requests.nvidia.com/gpu": str(team.gpus)}},
+        })
+        objects.append({
+            "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "ClusterQueue",
+            "metadata": {"name": f"team-{name}", "labels": team_labels},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                "cohort": "mbl",
+                "queueingStrategy": "BestEffortFIFO",
+                "resourceGroups": [{
+                    "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                    "flavors": [{"name": "default-gpu", "resources": [
+                        {"name": "cpu", "nominalQuota": 100000},
+                        {"name": "memory", "nominalQuota": "100000Gi"},
+                        {"name": "nvidia.com/gpu", "nominalQuota": team.gpus, "borrowingLimit": 0},
+                    ]}],
+                }],
+            },
+        })
+        for queue in team.queues or [name]:
+            objects.append({
+                "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "LocalQueue",
+                "metadata": {"name": queue, "namespace": ns, "labels": team_labels},
+                "spec": {"clusterQueue": f"team-{name}"},
+            })
+    return objects
+
+
+def k8s_yaml(policy: QuotaPolicy) -> str:
+    return "".join("---\n" + yaml.safe_dump(obj, sort_keys=False) for obj in k8s_objects(policy))
+
+
+# ---- reports -------------------------------------------------------------------------------------
+
+
+def parse_sacct(text: str) -> list[dict[str, Any]]:
+    """`sacct -a -X -n -P -o JobID,JobName,Account,User,AllocTRES,ElapsedRaw,State` -> rows with gpu_hours."""
+    rows = []
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) < 7:
+            continue
+        job_id, name, account, user, tres, elapsed, state = parts[:7]
+        gpus = gpus_in_tres(tres)
+        seconds = int(elapsed) if elapsed.isdigit() else 0
+        rows.append({"job": job_id, "name": name, "team": account, "user": user, "gpus": gpus,
+                     "seconds": seconds, "state": state.split(" ")[0], "gpu_hours": gpus * seconds / 3600.0})
+    return rows
+
+
+def slurm_report_rows(since: str) -> list[dict[str, Any]]:
+    return parse_sacct(_run(["sacct", "-a", "-X", "-n", "-P", "--starttime", since,
+                             "-o", "JobID,JobName,Account,User,AllocTRES,ElapsedRaw,State"]))
+
+
+def registry_report_rows(since: str, backend: str = "k8s") -> list[dict[str, Any]]:
+    """GPU-hours of jobs from the registry (Kubernetes keeps no accounting): submit to end (or now)."""
+    from launcher.registry import Registry
+
+    start = datetime.fromisoformat(since).timestamp()
+    now = datetime.now().timestamp()
+    rows = []
+    for record in Registry().list(backend=backend):
+        if record.submitted_at < start:
+            continue
+        ended = float(record.extra.get("ended_at") or now)
+        seconds = max(0, int(ended - record.submitted_at))
+        rows.append({"job": record.job_id, "name": record.name, "team": record.team,
+                     "user": record.extra.get("user", os.environ.get("USER", "")), "gpus": record.gpus,
+                     "seconds": seconds, "state": "", "gpu_hours": record.gpus * seconds / 3600.0})
+    return rows
+
+
+def aggregate(rows: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
+    key = {"team": "team", "user": "user", "job": "job"}[by]
+    totals: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        entry = totals.setdefault(row[key], {by: row[key], "jobs": 0, "gpu_hours": 0.0})
+        entry["jobs"] += 1
+        entry["gpu_hours"] += row["gpu_hours"]
+    out = sorted(totals.values(), key=lambda r: -r["gpu_hours"])
+    for entry in out:
+        entry["gpu_hours"] = round(entry["gpu_hours"], 4)
+    return out
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Everything the tests need, then the tests: the Python environment, the local Slurm cluster, pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+./slurm/dev/up.sh
+# shellcheck disable=SC1091
+source "${MBL_SLURM_DIR:-/tmp/mbl-slurm}/env.sh"
+exec .venv/bin/python -m pytest -ra "$@"

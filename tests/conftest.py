@@ -1,0 +1,31 @@
+"""Shared fixtures: every test gets its own registry ($MBL_HOME) and profile location."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path_factory.mktemp("mbl-home")
+    monkeypatch.setenv("MBL_HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
+    monkeypatch.delenv("MBL_PROFILE", raising=False)
+    monkeypatch.delenv("MBL_QUOTA_POLICY", raising=False)
+    return home
+
+
+@pytest.fixture
+def mbl_env() -> dict[str, str]:
+    """Environment for running `mbl` as a subprocess, as a user would."""
+    env = dict(os.environ)
+    env["PATH"] = str(VENV_BIN) + os.pathsep + env.get("PATH", "")
+    return env
