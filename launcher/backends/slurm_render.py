@@ -5,13 +5,17 @@ Two layers: `sbatch_options()` decides the typed `#SBATCH` options (a dict in a 
 
 What the script does, attempt after attempt (Slurm requeues keep the job id):
 
+0. runs in the directory `mbl submit` ran in (sbatch's default), like the local backend, so that
+   relative data paths of the spec mean the same; with a container runtime that directory must be on
+   the shared storage;
 1. appends everything to `<run_dir>/logs/attempt-<SLURM_RESTART_COUNT>.log` (`--open-mode=append` keeps
    the `--output` file of earlier attempts; `%r` is no filename pattern, hence the `exec`);
 2. runs the setup lines (profile, then spec), exports `env` and reads `secrets` from their files;
 3. starts one `torchrun` per node with `srun --kill-on-bad-exit=1` and a c10d rendezvous on the first
    node, at a port derived from the job id and the attempt;
 4. traps USR1 (`--signal=B:USR1@N`, or `scancel --signal=USR1 --batch`) and TERM and sends SIGTERM to
-   the step: torchrun dies on SIGUSR1 but forwards SIGTERM to the ranks, which save and exit 75;
+   the job's steps with `scancel --signal=TERM JOBID` (not to srun, which would end the step and kill the
+   ranks): torchrun dies on SIGUSR1 but forwards SIGTERM to the ranks, which save and exit 75;
 5. after the step: DONE -> exit 0. A stop by SIGTERM -> exit (Slurm is cancelling, requeueing or
    preempting this attempt and decides what follows; a requeue from here would undo an `scancel`).
    Otherwise (USR1, a failed step, a killed rank) -> `scontrol requeue` while
@@ -31,7 +35,7 @@ from launcher.spec import JobSpec
 SCRIPT_FILE = "job.sbatch"
 
 # Options `slurm.sbatch_args` may not replace: the script depends on them.
-_FIXED = ("job-name", "nodes", "ntasks-per-node", "requeue", "signal", "open-mode", "output", "chdir")
+_FIXED = ("job-name", "nodes", "ntasks-per-node", "requeue", "signal", "open-mode", "output")
 
 
 class Raw(str):
@@ -115,14 +119,13 @@ def sbatch_options(spec: JobSpec, profile: SlurmProfile) -> dict[str, str | None
     opts["signal"] = f"B:USR1@{s.signal_seconds}"
     opts["open-mode"] = "append"
     opts["output"] = f"{spec.run_dir}/{LOGS_DIR}/slurm-%j.out"
-    opts["chdir"] = spec.run_dir
     for key, value in sorted(s.sbatch_args.items()):
         if key in _FIXED:
             raise UsageError(
                 f"slurm.sbatch_args.{key} would replace an option the script relies on",
                 hint=f"remove it; the script sets --{key} itself (use the spec's fields to change it)",
             )
-        opts[key] = value
+        opts[key] = value or None  # an empty value is a flag: {hold: ""} -> --hold
     return opts
 
 
@@ -134,7 +137,7 @@ def _container_args(spec: JobSpec, profile: SlurmProfile) -> list[str]:
             f"--container-image={pyxis_image(spec.image or '')}",
             f"--container-mounts={','.join(mounts)}",
             "--no-container-mount-home",
-            f"--container-workdir={spec.run_dir}",
+            Raw('--container-workdir="${SLURM_SUBMIT_DIR}"'),
         ]
     return []
 
@@ -144,7 +147,7 @@ def _wrapper(spec: JobSpec, profile: SlurmProfile) -> list[str]:
     if runtime(spec, profile) != "apptainer":
         return []
     mounts = [f"{profile.shared_root}:{profile.shared_root}", *spec.slurm.container_mounts]
-    return ["apptainer", "exec", "--nv", "--bind", ",".join(mounts), "--pwd", spec.run_dir,
+    return ["apptainer", "exec", "--nv", "--bind", ",".join(mounts), "--pwd", Raw('"${SLURM_SUBMIT_DIR}"'),
             apptainer_image(spec.image or "")]
 
 
@@ -193,6 +196,7 @@ def render_script(spec: JobSpec, profile: SlurmProfile, trainer: list[str]) -> s
     rt = runtime(spec, profile)
     out: list[str] = [
         "#!/bin/bash",
+        "# shellcheck disable=SC1090,SC1091  # setup lines may source files of the cluster",
         f"# mbl: {spec.kind} job {spec.name}: {d.nodes} node(s) x {d.gpus_per_node} GPU(s), "
         f"container runtime {rt}.",
         f"# Rendered by `mbl render --slurm`; submitted with `sbatch --parsable {SCRIPT_FILE}`.",
@@ -203,12 +207,13 @@ def render_script(spec: JobSpec, profile: SlurmProfile, trainer: list[str]) -> s
 
     out += [
         "",
-        "# Each attempt (the first run, then every requeue) appends to a log of its own.",
+        "# Each attempt (the first run, then every requeue) appends to a log of its own. The job runs in the",
+        "# directory `mbl submit` ran in (sbatch's default), where relative paths of the spec resolve.",
+        f"run_dir={q(spec.run_dir)}",
         'attempt="${SLURM_RESTART_COUNT:-0}"',
-        f"cd {q(spec.run_dir)} || exit 1",
-        f"mkdir -p {LOGS_DIR}",
-        f'exec >>"{LOGS_DIR}/attempt-${{attempt}}.log" 2>&1',
-        'echo "mbl: job ${SLURM_JOB_ID} attempt ${attempt} on ${SLURM_JOB_NODELIST} at $(date -u +%FT%TZ)"',
+        f'mkdir -p "${{run_dir}}/{LOGS_DIR}"',
+        f'exec >>"${{run_dir}}/{LOGS_DIR}/attempt-${{attempt}}.log" 2>&1',
+        'echo "mbl: job ${SLURM_JOB_ID} attempt ${attempt} on ${SLURM_JOB_NODELIST} in ${PWD} at $(date -u +%FT%TZ)"',
         "",
         "set -eo pipefail",
     ]
@@ -218,7 +223,7 @@ def render_script(spec: JobSpec, profile: SlurmProfile, trainer: list[str]) -> s
     elif setup:
         out += ["# Setup on the host (the trainer itself runs in the container).", *setup]
 
-    env = {"MBL_JOB_NAME": spec.name, "MBL_RUN_DIR": spec.run_dir, "PYTHONUNBUFFERED": "1", **spec.env}
+    env = {"MBL_JOB_NAME": spec.name, "MBL_RUN_DIR": Raw('"${run_dir}"'), "PYTHONUNBUFFERED": "1", **spec.env}
     out += ["", "# Environment (spec.env)."]
     out += [f"export {k}={q(v)}" for k, v in env.items()]
     if spec.secrets:
@@ -239,15 +244,17 @@ def render_script(spec: JobSpec, profile: SlurmProfile, trainer: list[str]) -> s
         "export MASTER_ADDR MASTER_PORT",
         "",
         "# Preemption: USR1 (the time limit, `scancel --signal=USR1 --batch`) and TERM (scancel, requeue) become",
-        "# SIGTERM to the step; torchrun forwards it to every rank, which saves a checkpoint and exits 75.",
+        "# SIGTERM to the job's steps; torchrun forwards it to every rank, which saves a checkpoint and exits 75.",
         f"max_restarts={s.max_restarts}",
         'stop_signal=""',
         'srun_pid=""',
+        "# shellcheck disable=SC2317  # called by the traps below",
         "forward_signal() {",
         '  stop_signal="$1"',
         '  echo "mbl: SIG$1 at $(date -u +%FT%TZ): asking the trainer to save a checkpoint and exit"',
+        "  # To the tasks (torchrun) of every step, not to srun: srun ends the step on SIGTERM, killing the ranks.",
         '  if [[ -n "${srun_pid}" ]]; then',
-        '    kill -TERM "${srun_pid}" 2>/dev/null || true',
+        '    scancel --signal=TERM "${SLURM_JOB_ID}" || echo "mbl: scancel --signal=TERM failed"',
         "  fi",
         "}",
         "trap 'forward_signal USR1' USR1",
@@ -273,7 +280,7 @@ def render_script(spec: JobSpec, profile: SlurmProfile, trainer: list[str]) -> s
         "fi",
         'echo "mbl: the step ended with exit code ${rc}"',
         "",
-        f"if [[ -f {DONE_FILE} ]]; then",
+        f'if [[ -f "${{run_dir}}/{DONE_FILE}" ]]; then',
         '  echo "mbl: DONE: the job is complete"',
         "  exit 0",
         "fi",

@@ -1,0 +1,322 @@
+"""The Slurm backend: an sbatch script per job (see slurm_render.py), then sbatch / squeue / sacct / scancel.
+
+`dryrun` is pure: the script comes from the spec and the cluster profile. `submit` writes the resolved
+spec and the script into the run directory and runs `sbatch --parsable`. `status` asks squeue (live
+jobs) and then sacct (finished ones), maps Slurm's state names through one table (`SLURM_STATES`) to
+`JobState`, and explains pending reasons (`PENDING_REASONS`). `logs` follows the newest attempt's log.
+
+submitit is not used: the job runs torchrun per node (not a pickled Python callable), so its in-job
+`JobEnvironment` has nothing to do, and one `squeue`/`sacct` call per `mbl status` needs no watcher.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+from launcher.backends.base import Backend, JobRef, JobState, JobStatus, Request
+from launcher.backends.slurm_render import SCRIPT_FILE, script
+from launcher.contract import DONE_FILE, LOGS_DIR, SPEC_FILE
+from launcher.errors import BackendError
+from launcher.spec import JobSpec
+
+# Slurm job states (squeue %T and sacct State, long names) -> JobState. Anything else is UNKNOWN.
+SLURM_STATES: dict[str, JobState] = {
+    "PENDING": JobState.PENDING,
+    "CONFIGURING": JobState.PENDING,
+    "RESV_DEL_HOLD": JobState.PENDING,
+    "REQUEUED": JobState.REQUEUED,
+    "REQUEUE_FED": JobState.REQUEUED,
+    "REQUEUE_HOLD": JobState.REQUEUED,
+    "RUNNING": JobState.RUNNING,
+    "COMPLETING": JobState.RUNNING,
+    "RESIZING": JobState.RUNNING,
+    "SIGNALING": JobState.RUNNING,
+    "STAGE_OUT": JobState.RUNNING,
+    "SUSPENDED": JobState.PREEMPTED,
+    "STOPPED": JobState.PREEMPTED,
+    "PREEMPTED": JobState.PREEMPTED,
+    "COMPLETED": JobState.COMPLETED,
+    "CANCELLED": JobState.CANCELLED,
+    "REVOKED": JobState.CANCELLED,
+    "FAILED": JobState.FAILED,
+    "NODE_FAIL": JobState.FAILED,
+    "BOOT_FAIL": JobState.FAILED,
+    "OUT_OF_MEMORY": JobState.FAILED,
+    "SPECIAL_EXIT": JobState.FAILED,
+    "TIMEOUT": JobState.TIMEOUT,
+    "DEADLINE": JobState.TIMEOUT,
+}
+
+# Why a job pends, in words; the Slurm reason is kept beside it.
+PENDING_REASONS: dict[str, str] = {
+    "AssocGrpGRES": "waiting for the team's GPU quota (the account's GrpTRES gres/gpu is in use)",
+    "AssocGrpGRESMinutes": "the team's GPU-minutes budget is spent",
+    "AssocGrpCpuLimit": "waiting for the team's CPU quota",
+    "AssocGrpMemLimit": "waiting for the team's memory quota",
+    "AssocGrpNodeLimit": "waiting for the team's node quota",
+    "AssocMaxJobsLimit": "the team runs as many jobs as its limit allows",
+    "AssocGrpJobsLimit": "the team runs as many jobs as its limit allows",
+    "QOSGrpGRES": "waiting for the QoS's GPU quota",
+    "QOSMaxGRESPerUser": "you use as many GPUs as the QoS allows per user",
+    "QOSMaxJobsPerUserLimit": "you run as many jobs as the QoS allows per user",
+    "QOSGrpCpuLimit": "waiting for the QoS's CPU quota",
+    "Priority": "queued behind jobs of higher priority",
+    "Resources": "waiting for nodes with free GPUs, CPUs and memory",
+    "BeginTime": "not before its begin time (a requeued job waits about two minutes)",
+    "Dependency": "waiting for a job it depends on",
+    "DependencyNeverSatisfied": "a job it depends on failed; it will never start",
+    "JobHeldUser": "held by its user (scontrol release JOBID)",
+    "JobHeldAdmin": "held by an administrator",
+    "ReqNodeNotAvail": "the nodes it needs are unavailable (down, drained or reserved)",
+    "PartitionDown": "its partition is down",
+    "PartitionInactive": "its partition is inactive",
+    "PartitionTimeLimit": "its time limit exceeds the partition's",
+    "PartitionNodeLimit": "it asks for more nodes than the partition allows",
+    "InvalidAccount": "its account is not valid; check slurm.account or the team",
+    "InvalidQOS": "its QoS is not valid for the account",
+    "NodeDown": "a node it needs is down",
+    "Reservation": "waiting for its reservation",
+    "launch failed requeued held": "its launch failed; held (scontrol release JOBID)",
+    "NonZeroExitCode": "requeued after an attempt failed",
+    "None": "",
+}
+
+_JOB_ID = re.compile(r"^\d+(_\d+)?$")
+
+
+def parse_state(text: str) -> JobState:
+    """`CANCELLED by 0`, `RUNNING`, `OUT_OF_MEMORY`... -> JobState; an unknown name is UNKNOWN."""
+    word = (text or "").strip().split(" ")[0].rstrip("+").upper()
+    return SLURM_STATES.get(word, JobState.UNKNOWN)
+
+
+def explain_reason(reason: str) -> str:
+    reason = (reason or "").strip()
+    words = PENDING_REASONS.get(reason)
+    if words is None:
+        return f"Slurm reason: {reason}" if reason else ""
+    return f"{words} ({reason})" if words else ""
+
+
+def parse_rows(text: str, fields: list[str]) -> list[dict[str, str]]:
+    """`--parsable2 --noheader` (or squeue with `|` separators) output as dicts; short lines are padded."""
+    rows = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        values = line.split("|")
+        rows.append({f: (values[i].strip() if i < len(values) else "") for i, f in enumerate(fields)})
+    return rows
+
+
+SQUEUE_FIELDS = ["JobID", "State", "Reason", "RestartCnt", "NodeList"]
+SACCT_FIELDS = ["JobIDRaw", "JobName", "State", "ExitCode", "Reason", "Elapsed", "NodeList"]
+
+
+def status_from_squeue(row: dict[str, str]) -> JobStatus:
+    state = parse_state(row.get("State", ""))
+    reason, restarts = row.get("Reason", ""), row.get("RestartCnt", "0") or "0"
+    detail = f"restart {restarts}" if restarts not in ("", "0") else ""
+    if state == JobState.PENDING:
+        if restarts not in ("", "0"):
+            state = JobState.REQUEUED
+        return JobStatus(state, explain_reason(reason), detail)
+    if state == JobState.UNKNOWN:
+        return JobStatus(state, f"Slurm state {row.get('State')}", detail)
+    nodes = row.get("NodeList", "")
+    where = f"on {nodes}" if nodes and state == JobState.RUNNING else ""
+    return JobStatus(state, "", ", ".join(x for x in (where, detail) if x))
+
+
+def status_from_sacct(row: dict[str, str]) -> JobStatus:
+    raw = row.get("State", "")
+    state = parse_state(raw)
+    code = row.get("ExitCode", "")
+    detail = []
+    if code and code != "0:0":
+        detail.append(f"exit code {code}")
+    if row.get("Elapsed"):
+        detail.append(f"elapsed {row['Elapsed']}")
+    reason = ""
+    if state == JobState.PENDING:
+        reason = explain_reason(row.get("Reason", ""))
+    elif state == JobState.UNKNOWN:
+        reason = f"Slurm state {raw}"
+    elif raw.startswith("CANCELLED by"):
+        reason = raw.lower()
+    return JobStatus(state, reason, ", ".join(detail))
+
+
+def attempt_logs(run_dir: str) -> list[Path]:
+    """The attempt logs of a run directory, oldest attempt first."""
+    def number(p: Path) -> int:
+        m = re.fullmatch(r"attempt-(\d+)\.log", p.name)
+        return int(m.group(1)) if m else -1
+
+    return sorted((Path(run_dir) / LOGS_DIR).glob("attempt-*.log"), key=number)
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+
+    def __init__(self, profile: str | None = None, force: bool = False, poll_seconds: float = 1.0):
+        self.profile_path = profile
+        self.force = force
+        self.poll_seconds = poll_seconds
+        self._profile = None
+
+    @property
+    def profile(self):
+        if self._profile is None:
+            from launcher.profile import load_profile
+
+            self._profile = load_profile(self.profile_path)
+        return self._profile
+
+    # ---- pure ---------------------------------------------------------------------------------
+
+    def dryrun(self, spec: JobSpec) -> Request:
+        text = script(spec, self.profile.slurm)
+        path = f"{spec.run_dir}/{SCRIPT_FILE}"
+        files = {SPEC_FILE: spec.to_yaml(), SCRIPT_FILE: text}
+        return Request(self.name, spec, ["sbatch", "--parsable", path], files=files)
+
+    # ---- acting -------------------------------------------------------------------------------
+
+    def _run(self, args: list[str], ref: JobRef | None = None, check: bool = True,
+             timeout: float = 60) -> subprocess.CompletedProcess:
+        if shutil.which(args[0]) is None:
+            raise BackendError(
+                f"`{args[0]}` is not on PATH: this machine is not a Slurm login node",
+                hint="run mbl where the Slurm client tools are installed, or use `mbl render --slurm -o DIR`",
+            )
+        env = dict(os.environ)
+        if ref is not None and ref.extra.get("slurm_conf") and not env.get("SLURM_CONF"):
+            env["SLURM_CONF"] = ref.extra["slurm_conf"]
+        try:
+            proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BackendError(f"`{' '.join(args)}` did not answer in {timeout:.0f}s; is slurmctld up?") from None
+        if check and proc.returncode != 0:
+            raise BackendError(
+                f"`{' '.join(args)}` failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
+            )
+        return proc
+
+    def submit(self, request: Request) -> JobRef:
+        from launcher.rundir import check_run_dir, write_spec
+
+        spec = request.spec
+        check_run_dir(spec, force=self.force)
+        write_spec(spec)
+        run_dir = Path(spec.run_dir)
+        (run_dir / LOGS_DIR).mkdir(parents=True, exist_ok=True)  # --output must exist before the job starts
+        path = run_dir / SCRIPT_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(request.files[SCRIPT_FILE])
+        tmp.replace(path)
+        proc = self._run(request.command, check=False)
+        if proc.returncode != 0:
+            raise BackendError(
+                f"sbatch refused the job: {proc.stderr.strip() or proc.stdout.strip()}",
+                hint=f"see the script with `mbl render --slurm`; it is at {path}",
+            )
+        job_id = proc.stdout.strip().splitlines()[-1].split(";")[0] if proc.stdout.strip() else ""
+        if not _JOB_ID.match(job_id):
+            raise BackendError(f"sbatch --parsable printed no job id: {proc.stdout!r}")
+        # Keep the exact script of this submission beside its logs.
+        (run_dir / LOGS_DIR / f"job-{job_id}.sbatch").write_text(request.files[SCRIPT_FILE])
+        extra = {"script": str(path)}
+        if os.environ.get("SLURM_CONF"):
+            extra["slurm_conf"] = os.environ["SLURM_CONF"]
+        return JobRef(self.name, job_id, spec.name, spec.run_dir, extra)
+
+    # ---- following ----------------------------------------------------------------------------
+
+    def squeue(self, ref: JobRef) -> dict[str, str] | None:
+        fmt = ",".join(f"{f}:|" for f in SQUEUE_FIELDS)
+        proc = self._run(["squeue", "--noheader", "--jobs", ref.job_id, "-O", fmt], ref, check=False)
+        if proc.returncode != 0:  # an id slurmctld has forgotten: "Invalid job id specified"
+            return None
+        rows = [r for r in parse_rows(proc.stdout, SQUEUE_FIELDS) if r["JobID"] == ref.job_id]
+        return rows[0] if rows else None
+
+    def sacct(self, ref: JobRef) -> dict[str, str] | None:
+        proc = self._run(["sacct", "--jobs", ref.job_id, "--allocations", "--parsable2", "--noheader",
+                          f"--format={','.join(SACCT_FIELDS)}"], ref, check=False)
+        if proc.returncode != 0:
+            return None
+        rows = [r for r in parse_rows(proc.stdout, SACCT_FIELDS) if r["JobIDRaw"] == ref.job_id]
+        return rows[-1] if rows else None
+
+    def status(self, ref: JobRef) -> JobStatus:
+        row = self.squeue(ref)
+        if row is not None:
+            status = status_from_squeue(row)
+            if status.state != JobState.UNKNOWN:
+                return status
+        acct = self.sacct(ref)
+        if acct is not None:
+            return status_from_sacct(acct)
+        if row is not None:
+            return status_from_squeue(row)
+        if (Path(ref.run_dir) / DONE_FILE).exists():
+            return JobStatus(JobState.COMPLETED, detail="Slurm has forgotten the job; DONE exists")
+        return JobStatus(JobState.UNKNOWN, f"neither squeue nor sacct knows job {ref.job_id}")
+
+    def logs(self, ref: JobRef, follow: bool = False, rank: int | None = None) -> Iterator[str]:
+        """The newest attempt's log; with `follow`, keep reading and move on to each new attempt."""
+        logs = attempt_logs(ref.run_dir)
+        if not logs and not follow:
+            raise BackendError(
+                f"no attempt log yet in {ref.run_dir}/{LOGS_DIR}",
+                hint=f"the job may still pend: mbl status {ref.name}",
+            )
+        current = logs[-1] if logs else None
+        fh = open(current, errors="replace") if current else None
+        last_check = 0.0
+        try:
+            while True:
+                line = fh.readline() if fh else ""
+                if line:
+                    yield line
+                    continue
+                if not follow:
+                    return
+                newest = attempt_logs(ref.run_dir)
+                if newest and newest[-1] != current:
+                    rest = fh.read() if fh else ""
+                    if rest:
+                        yield rest
+                    if fh:
+                        fh.close()
+                    current = newest[-1]
+                    yield f"==> {current.name} <==\n"
+                    fh = open(current, errors="replace")
+                    continue
+                now = time.monotonic()
+                if now - last_check > 5 * self.poll_seconds:
+                    last_check = now
+                    if self.status(ref).state.finished:
+                        rest = fh.read() if fh else ""
+                        if rest:
+                            yield rest
+                        return
+                time.sleep(self.poll_seconds / 4)
+        finally:
+            if fh:
+                fh.close()
+
+    def cancel(self, ref: JobRef) -> bool:
+        """scancel: SIGTERM to the batch shell and every step; the ranks save, then the job ends CANCELLED."""
+        if self.status(ref).state.finished:
+            return False
+        self._run(["scancel", ref.job_id], ref)
+        ref.extra["cancelled"] = True
+        return True
