@@ -96,7 +96,7 @@ def _backend(name: str, **opts: Any):
     accepted = {
         "local": {"detach", "force"},
         "slurm": {"profile", "force"},
-        "k8s": {"profile", "kube_context", "server_dry_run", "force"},
+        "k8s": {"profile", "kube_context", "server_dry_run"},
     }[name]
     return get_backend(name, **{k: v for k, v in opts.items() if k in accepted and v is not None})
 

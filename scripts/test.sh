@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 ./slurm/dev/up.sh
 # shellcheck disable=SC1091
 source "${MBL_SLURM_DIR:-/tmp/mbl-slurm}/env.sh"
+export MBL_REQUIRE_SLURM=1
 exec .venv/bin/python -m pytest -ra "$@"

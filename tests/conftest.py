@@ -29,3 +29,24 @@ def mbl_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = str(VENV_BIN) + os.pathsep + env.get("PATH", "")
     return env
+
+
+def _slurm_answers() -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _needs_slurm(request: pytest.FixtureRequest) -> None:
+    """Tests marked `slurm` need the local cluster. scripts/test.sh (and so CI) sets MBL_REQUIRE_SLURM=1:
+    there a missing cluster fails the test instead of skipping it."""
+    if request.node.get_closest_marker("slurm") is None or _slurm_answers():
+        return
+    message = "no Slurm cluster answers (start one: slurm/dev/up.sh; source /tmp/mbl-slurm/env.sh)"
+    if os.environ.get("MBL_REQUIRE_SLURM") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
