@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["slurm_util"]  # the `cluster` fixture of the Slurm tests
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 VENV_BIN = Path(sys.executable).parent

@@ -10,7 +10,7 @@ from datetime import date
 import pytest
 
 from launcher.quota import gpus_in_tres
-from test_slurm_cluster import ROOT, cluster, mbl, slurm, state, status, wait_for  # noqa: F401 (fixture)
+from slurm_util import ROOT, mbl, slurm, state, status, wait_for
 
 pytestmark = pytest.mark.slurm
 

@@ -5,14 +5,14 @@ Regenerate the golden files on purpose only: MBL_UPDATE_GOLDEN=1 pytest tests/te
 
 from __future__ import annotations
 
-import difflib
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from golden_util import check_golden
 
 from launcher.backends.slurm import SlurmBackend
 from launcher.backends.slurm_render import SCRIPT_FILE, apptainer_image, pyxis_image, sbatch_options
@@ -66,22 +66,6 @@ def variant(path: Path, runtime: str, nodes: int, extra: list[str] | None = None
     return load_spec(path, sets).resolved(BASE)
 
 
-def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("MBL_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        return
-    if not path.exists():
-        pytest.fail(f"no golden file {path.relative_to(ROOT)}; create it with MBL_UPDATE_GOLDEN=1 pytest {__file__}")
-    expected = path.read_text()
-    if text != expected:
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
-                                            f"golden/{name}", "rendered"))
-        pytest.fail(f"rendered script differs from {path.relative_to(ROOT)} "
-                    f"(MBL_UPDATE_GOLDEN=1 regenerates it if the change is intended):\n{diff}")
-
-
 def shell_checks(script: str, tmp_path: Path, exclude: str = "") -> None:
     path = tmp_path / SCRIPT_FILE
     path.write_text(script)
@@ -101,7 +85,7 @@ def test_golden(example: Path, runtime: str, nodes: int, tmp_path: Path) -> None
     spec = variant(example, runtime, nodes)
     request = backend().dryrun(spec)
     script = request.files[SCRIPT_FILE]
-    check_golden(f"{example.stem}-{runtime}-{nodes}n.sbatch", script)
+    check_golden(f"slurm/{example.stem}-{runtime}-{nodes}n.sbatch", script)
     shell_checks(script, tmp_path)
     opts = sbatch_options(spec, backend().profile.slurm)
     assert opts["nodes"] == str(nodes) and opts["ntasks-per-node"] == "1"

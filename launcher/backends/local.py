@@ -50,8 +50,6 @@ class LocalBackend(Backend):
                 f"the local backend runs one node, the spec asks for distributed.nodes={spec.distributed.nodes}",
                 hint="add --set distributed.nodes=1, or submit with --cluster slurm / --k8s",
             )
-        if spec.image and spec.slurm.container_runtime not in (None, "none"):
-            pass  # the image is for clusters; locally the job runs in this Python environment
         env = {"MBL_JOB_NAME": spec.name, "MBL_RUN_DIR": spec.run_dir, **spec.env}
         command = trainer_command(spec, spec.distributed.gpus_per_node, ["--standalone", "--nnodes=1"])
         return Request(self.name, spec, command, files={SPEC_FILE: spec.to_yaml()}, env=env)
