@@ -135,7 +135,6 @@ class DataSpec(Strict):
     heldout_fraction: float = Field(0.01, gt=0.0, lt=0.5, description="Share of documents held out for evaluation.")
     objective: Literal["mlm", "mlm+sop"] = Field("mlm", description="Pre-training objective.")
     mask_prob: float = Field(0.3, gt=0.0, lt=1.0, description="Share of tokens masked for MLM (80/10/10 rule).")
-    num_workers: int = Field(1, ge=0, le=64, description="Data loader worker processes per rank.")
 
     @model_validator(mode="after")
     def _stride_fits(self) -> "DataSpec":
@@ -431,15 +430,15 @@ class JobSpec(Strict):
     def training_fingerprint(self) -> str:
         """Hash of what decides the numbers a run produces; two specs with the same one may share a run dir.
 
-        Where and how the job runs (cluster sections, resources, image, env, retention, the step budget)
-        is left out: changing those is a legitimate reason to resume.
+        Where and how the job runs (cluster sections, resources, image, env, where and how often it saves,
+        the step budget, logging) is left out: changing those is a legitimate reason to resume, and a run
+        directory may move.
         """
         data = self.model_dump(mode="json")
-        for key in ("slurm", "k8s", "resources", "image", "env", "secrets", "team", "export"):
+        for key in ("slurm", "k8s", "resources", "image", "env", "secrets", "team", "export", "checkpoint"):
             data.pop(key, None)
-        data["checkpoint"].pop("keep_last", None)
-        data["train"].pop("max_steps", None)
-        data["train"].pop("log_every_steps", None)
+        for key in ("max_steps", "log_every_steps", "eval_every_steps", "eval_batches"):
+            data["train"].pop(key, None)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
