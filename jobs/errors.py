@@ -1,22 +1,15 @@
-"""Errors the trainer reports as a clean message and exit code 2 (bad user data), never as a traceback."""
+"""Errors the trainer reports as a clean message and exit code 2 (bad user data), never as a traceback.
+
+They belong to the launcher's error family (launcher.errors), so that both sides render them alike.
+"""
 
 from __future__ import annotations
 
+from launcher.errors import UsageError
 
-class DataError(Exception):
+
+class DataError(UsageError):
     """A problem with the user's inputs: a missing file, a missing column, an unusable folder."""
-
-    exit_code = 2
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.hint = hint
-
-    def render(self) -> str:
-        text = f"error: {self}"
-        if self.hint:
-            text += f"\n  fix: {self.hint}"
-        return text
 
 
 class ResumeError(DataError):
