@@ -279,12 +279,16 @@ def _metrics_tail(run_dir: str) -> dict[str, Any]:
         return {}
 
 
-def _row(record: Any, backend: Any) -> dict[str, Any]:
+def _row(record: Any, backend: Any, registry: Any = None) -> dict[str, Any]:
     try:
         status = backend.status(record.ref)
         state, reason = status.state.value, status.reason or status.detail
     except MblError as exc:
         state, reason = "UNKNOWN", str(exc)
+    else:
+        if status.state.finished and "ended_at" not in record.extra and registry is not None:
+            # First seen finished: the registry's GPU-hour report (Kubernetes keeps no accounting) ends here.
+            registry.save_extra(record, {**record.extra, "ended_at": time.time()})
     last = _metrics_tail(record.run_dir)
     return {
         "name": record.name, "backend": record.backend, "job_id": record.job_id, "state": state,
@@ -320,7 +324,7 @@ def status(job: str | None, output: str) -> None:
     """
     if job:
         registry, record, backend = _lookup(job)
-        rows = [_row(record, backend)]
+        rows = [_row(record, backend, registry)]
     else:
         from launcher.backends.base import get_backend
 
@@ -329,7 +333,7 @@ def status(job: str | None, output: str) -> None:
         rows = []
         for record in registry.list(limit=20):
             backend = backends.setdefault(record.backend, get_backend(record.backend))
-            rows.append(_row(record, backend))
+            rows.append(_row(record, backend, registry))
     if output == "json":
         click.echo(json.dumps(rows if not job else rows[0], indent=2))
         return
@@ -349,7 +353,7 @@ def list_(output: str, cluster: str | None, limit: int) -> None:
     rows = []
     for record in registry.list(backend=cluster, limit=limit):
         backend = backends.setdefault(record.backend, get_backend(record.backend))
-        rows.append(_row(record, backend))
+        rows.append(_row(record, backend, registry))
     if output == "json":
         click.echo(json.dumps(rows, indent=2))
         return
@@ -451,19 +455,41 @@ def _need_policy(path: str | None) -> Any:
 
 @quota.command("show")
 @click.option("--team", default=None, help="Only this team.")
-@click.option("--cluster", "-c", type=click.Choice(["slurm"]), default="slurm", show_default=True)
+@click.option("--cluster", "-c", type=click.Choice(["slurm", "k8s"]), default="slurm", show_default=True)
+@click.option("--context", "kube_context", default=None, help="k8s: kubeconfig context.")
 @click.option("--policy", type=click.Path(dir_okay=False), default=None, help="Quota policy file.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
-def quota_show(team: str | None, cluster: str, policy: str | None, output: str) -> None:
-    """Live GPU use against each team's limit (running and pending jobs)."""
+def quota_show(team: str | None, cluster: str, kube_context: str | None, policy: str | None, output: str) -> None:
+    """Live GPU use against each team's limit (running and pending jobs).
+
+    \b
+    Slurm: GPUs of running and pending jobs per account (squeue), limits from sacctmgr (GrpTRES).
+    Kubernetes: the teams' ResourceQuota use and limit, GPUs of suspended or not yet started
+    PyTorchJobs, the Kueue ClusterQueue quota (needs the policy, for the team namespaces).
+    """
     from launcher import quota as q
 
     found = _policy_path(policy)
-    rows = q.show_rows(q.load_policy(found) if found else None, q.slurm_usage(), team)
+    loaded = q.load_policy(found) if found else None
+    notes: list[str] = []
+    if cluster == "k8s":
+        if loaded is None:
+            raise UsageError("quota show --cluster k8s needs the policy (it names the teams' namespaces)",
+                             hint="pass --policy FILE or set MBL_QUOTA_POLICY")
+        from launcher.quota_k8s import k8s_usage
+
+        usage = k8s_usage(loaded, context=kube_context)
+        for use in usage.values():
+            notes += [n for n in use.notes if n not in notes]
+    else:
+        usage = q.slurm_usage()
+    rows = q.show_rows(loaded, usage, team)
     if output == "json":
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps({"teams": rows, "notes": notes} if notes else rows, indent=2))
         return
     _table(rows, ["team", "running_gpus", "pending_gpus", "limit", "free", "cluster_limit", "jobs"])
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
 
 
 @quota.command("apply")

@@ -29,7 +29,7 @@ from launcher.profile import Profile
 from launcher.spec import JobSpec
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMAS = REPO.parent / "shared" / "schemas"
+SCHEMAS = REPO / "tests" / "schemas"  # CRDs copied unchanged from ../shared/schemas (see SOURCES.md)
 EXAMPLES = ["finetune", "pretrain"]
 K8S_VERSION = "1.33.0"
 
@@ -48,7 +48,7 @@ PROFILE = Profile.model_validate({
 
 @lru_cache(maxsize=None)
 def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
-    """(apiVersion, kind) -> openAPIV3Schema, from the CRDs in ../shared/schemas."""
+    """(apiVersion, kind) -> openAPIV3Schema, from the CRDs in tests/schemas."""
     out = {}
     for path in sorted(SCHEMAS.glob("*.yaml")):
         crd = yaml.safe_load(path.read_text())

@@ -12,7 +12,7 @@ from launcher.errors import SpecError
 from launcher.spec import JobSpec
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
 
 POLICY = """\
 teams:
