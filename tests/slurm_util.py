@@ -125,6 +125,21 @@ def release_requeued(cluster: dict, job_id: str, timeout: float = 90) -> None:
         return state == "PENDING" and reason == "BeginTime" and restarts not in ("", "0")
 
     wait_for(f"job {job_id} to pend after its requeue", pending_on_begin_time, timeout)
+
+    # The previous attempt must be gone from the nodes first: started while its slurmstepd still runs, the
+    # new attempt is killed with "Job credential revoked" (Slurm's own BeginTime delay avoids that race).
+    def previous_attempt_gone() -> bool:
+        marker = f"slurmstepd: [{job_id}.".encode()
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if cmdline.read_bytes().startswith(marker):
+                    return False
+            except OSError:
+                continue
+        return True
+
+    wait_for(f"the previous attempt of job {job_id} to leave the nodes", previous_attempt_gone, 60)
+    time.sleep(2)
     slurm(cluster, "scontrol", "update", f"jobid={job_id}", "starttime=now")
 
 
