@@ -7,19 +7,32 @@
         manifest.json                       every file's size and sha256
         COMPLETE                            written last; a folder without it never counts
 
-A save is collective: every rank writes into `checkpoints/.tmp-step-N`, fsyncs, then rank 0 writes the
-manifest and the marker, renames the folder to `step-N` and replaces `latest` (tmp file + os.replace).
-Only then are older checkpoints deleted (keep_last newest plus the best one).
+A save is collective. Every rank writes its files into `checkpoints/.tmp-step-N`, hashing and fsyncing each
+one as it goes (DeepSpeed's writes are routed through the same writer), and reports sizes and digests to
+rank 0. Rank 0 writes the manifest and the marker, renames the folder to `step-N`, replaces `latest`
+(tmp file + os.replace) and only then deletes older checkpoints (keep_last newest plus the best one).
+
+A failed write on any rank (ENOSPC, EDQUOT, ...) is seen by every rank at the next agreement point: the
+temporary folder is removed, the previous checkpoint stays intact and `latest`, and every rank raises
+CheckpointError, which the trainer prints as one message with the fix (exit code 1).
+
+Fault injection, for tests: MBL_FAULT_AT=<point>[@<step>] makes rank MBL_FAULT_RANK (default 0) SIGKILL
+itself at that point of the save sequence (MBL_FAULT_KILL=group: its whole process group, i.e. the whole
+job when the ranks were started in one group). The points, in order, are FAULT_POINTS below.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
 import shutil
 import signal
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +42,49 @@ import torch.distributed as dist
 from jobs.data import file_sha256
 from jobs.errors import ResumeError
 from launcher import contract
+from launcher.errors import MblError
 
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"  # a save in progress (or killed): never counts
+DEL_PREFIX = ".del-"  # a checkpoint being deleted: moved out of the step-* names first, so it never counts
+
+FAULT_POINTS = {
+    "begin": "temporary folder ready, nothing written",
+    "deepspeed-file": "the first of this rank's DeepSpeed files written, the others not",
+    "deepspeed": "DeepSpeed's files of every rank written",
+    "rank-state": "this rank's data position and RNG states written",
+    "trainer-state": "trainer_state.json written (rank 0), other ranks may still be writing",
+    "gathered": "every rank's files written and fsynced, sizes and digests on rank 0; no manifest",
+    "manifest": "manifest.json written and fsynced, no COMPLETE marker",
+    "marker": "COMPLETE written inside the temporary folder, not renamed yet",
+    "renamed": "folder renamed to step-N, `latest` still names the previous checkpoint",
+    "latest": "the new `latest` written to latest.tmp, os.replace not done",
+    "retention": "an old checkpoint moved to .del-step-N, not removed yet",
+}
+
+
+class CheckpointError(MblError):
+    """A checkpoint could not be written; the previous one is intact."""
+
+    exit_code = 1
+
+
+class _Failed(Exception):
+    def __init__(self, path: Path, exc: OSError):
+        super().__init__(str(exc))
+        self.path, self.exc = path, exc
 
 
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+STEP_NAME = re.compile(r"step-(\d{8})")
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
 
 
 def _fsync_path(path: Path) -> None:
@@ -55,6 +103,49 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+
+
+class _HashingWriter:
+    """Write-only file object that counts and hashes what passes through and keeps the OSError it hit
+    (torch.save turns a failed write into an opaque RuntimeError)."""
+
+    def __init__(self, f):
+        import hashlib
+
+        self._f, self._h, self.bytes, self.error = f, hashlib.sha256(), 0, None
+
+    def write(self, data) -> int:
+        try:
+            n = self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+        self._h.update(data)
+        self.bytes += memoryview(data).nbytes
+        return n
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def write_file(path: Path, fill) -> dict:
+    """Create `path` with fill(file), fsync it; returns its manifest entry {"bytes", "sha256"}, computed while
+    writing (no second read). A failed write raises the OSError itself (errno and path intact)."""
+    writer = None
+    try:
+        with open(path, "wb") as f:
+            writer = _HashingWriter(f)
+            fill(writer)
+            f.flush()
+            os.fsync(f.fileno())
+    except Exception as exc:
+        if writer is not None and writer.error is not None and exc is not writer.error:
+            raise writer.error from exc
+        raise
+    return {"bytes": writer.bytes, "sha256": writer.hexdigest()}
 
 
 def verify(folder: Path) -> str | None:
@@ -76,6 +167,14 @@ def verify(folder: Path) -> str | None:
     return None
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
 class Checkpointer:
     """Saving, finding and loading checkpoints of one run directory, on every rank."""
 
@@ -85,90 +184,299 @@ class Checkpointer:
         self.spec, self.rank, self.world, self.log = spec, rank, world, log
         self.save_seconds: float | None = None  # measured; used by the deadline check
         self.greater_is_better = False
+        self._fault_at = self._parse_fault(os.environ.get("MBL_FAULT_AT", ""))
+        self._fault_rank = int(os.environ.get("MBL_FAULT_RANK", "0"))
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- fault injection (tests) ------------------------------------------------------------------
+
+    @staticmethod
+    def _parse_fault(value: str) -> tuple[str, int | None] | None:
+        if not value:
+            return None
+        point, _, at = value.partition("@")
+        if point not in FAULT_POINTS:
+            raise ValueError(f"MBL_FAULT_AT={value!r}: unknown point {point!r}; points: {', '.join(FAULT_POINTS)}")
+        return point, int(at) if at else None
+
+    def _fault(self, point: str, step: int) -> None:
+        if self._fault_at is None or self.rank != self._fault_rank:
+            return
+        name, at = self._fault_at
+        if name != point or (at is not None and at != step):
+            return
+        print(f"[mbl] MBL_FAULT_AT: SIGKILL at {point} of step {step} (rank {self.rank}): {FAULT_POINTS[point]}",
+              flush=True)
+        sys.stderr.flush()
+        if os.environ.get("MBL_FAULT_KILL") == "group":
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     # ---- saving -----------------------------------------------------------------------------------
 
     def save(self, engine, state: dict, rank_state: dict) -> Path:
-        """Collective: every rank calls it at the same step. Returns the final folder."""
+        """Collective: every rank calls it at the same step. Returns the final folder; raises CheckpointError
+        on every rank when a write failed anywhere (the previous checkpoint is left as it was)."""
         t0 = time.time()
-        name = step_name(state["step"])
+        step = state["step"]
+        name = step_name(step)
         tmp, final = self.dir / (TMP_PREFIX + name), self.dir / name
+        problem = None
         if self.rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            if final.exists():  # a corrupt copy that resume skipped: this save replaces it
-                shutil.rmtree(final)
-        dist.barrier()
-        engine.save_checkpoint(str(self.dir), tag=TMP_PREFIX + name, save_latest=False)
-        torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank-{self.rank:05d}.pt")
+            try:
+                for old in (tmp, final):  # a save killed at this step; a corrupt copy that resume skipped
+                    if old.exists() or old.is_symlink():
+                        self._remove(old)
+                tmp.mkdir()
+            except OSError as exc:
+                problem = self._describe(tmp, exc)
+        self._raise_if(self._gather(problem), step, tmp)
+        self._fault("begin", step)
+
+        written: dict[Path, dict | None] = {}
+        errors: list[tuple[Path, BaseException]] = []
+        with self._route_deepspeed_writes(engine, written, errors, step):
+            engine.save_checkpoint(str(self.dir), tag=tmp.name, save_latest=False)
+        if not errors:
+            self._fault("deepspeed", step)
+            path = tmp / f"rank-{self.rank:05d}.pt"
+            try:
+                payload = {**rank_state, "rng": rng_state()}
+                written[path] = write_file(path, lambda f: torch.save(payload, f))
+                self._fault("rank-state", step)
+                if self.rank == 0:
+                    path = tmp / STATE_FILE
+                    written[path] = write_file(path, lambda f: f.write(json.dumps(state, indent=1).encode()))
+                    self._fault("trainer-state", step)
+            except Exception as exc:  # noqa: BLE001 - reported below, on every rank, as a CheckpointError
+                errors.append((path, exc))
+        problem = self._describe(*errors[0]) if errors else None
+        records = {str(p.relative_to(tmp)): info for p, info in written.items()}
+        gathered = self._gather((problem, records))
+        self._raise_if([p for p, _ in gathered], step, tmp)
+        self._fault("gathered", step)
+
+        problem = None
         if self.rank == 0:
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            _fsync_path(path)
-        dist.barrier()
-        if self.rank == 0:
-            files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}
-            (tmp / MANIFEST_FILE).write_text(json.dumps({"step": state["step"], "files": files}, indent=1))
-            _fsync_path(tmp / MANIFEST_FILE)
-            (tmp / contract.COMPLETE_MARKER).write_text("ok\n")
-            _fsync_path(tmp / contract.COMPLETE_MARKER)
-            _fsync_path(tmp)
-            os.rename(tmp, final)
-            _fsync_path(self.dir)
-            self._write_latest(name)
-            self.retain()
-        dist.barrier()
+            files = {}
+            for _, rank_records in gathered:
+                files.update(rank_records)
+            try:
+                self._commit(tmp, final, state, files)
+            except _Failed as failed:
+                problem = self._describe(failed.path, failed.exc)
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        self._raise_if([box[0]], step, tmp)
         self.save_seconds = time.time() - t0
         return final
 
-    def _write_latest(self, name: str) -> None:
+    @contextmanager
+    def _route_deepspeed_writes(self, engine, written: dict, errors: list, step: int):
+        """While DeepSpeed saves: each of its files goes through write_file (hashed and fsynced while written),
+        and a failed write is recorded instead of raised, so that this rank still takes part in every
+        collective DeepSpeed runs after it; once one write failed, the rest are skipped."""
+        ce = engine.checkpoint_engine
+        original = ce.save
+        plain = type(ce).__name__ == "TorchCheckpointEngine"
+        zipfile = getattr(ce, "zipfile_serialization", True)
+
+        def save(state_dict, path):
+            if errors:
+                return
+            path = Path(path)
+            try:
+                if plain:
+                    written[path] = write_file(path, lambda f: torch.save(
+                        state_dict, f, _use_new_zipfile_serialization=zipfile))
+                else:  # another engine writes its own way: fsync here, hash on rank 0 later
+                    original(state_dict, str(path))
+                    _fsync_path(path)
+                    written[path] = None
+            except Exception as exc:  # noqa: BLE001 - reported once every rank is done writing
+                errors.append((path, exc))
+                return
+            if len(written) == 1:
+                self._fault("deepspeed-file", step)
+
+        copy_scripts = getattr(engine, "_copy_recovery_script", None)
+
+        def copy(save_path):  # zero_to_fp32.py into checkpoints/ (rank 0): a write that can fail too
+            if errors:
+                return
+            try:
+                copy_scripts(save_path)
+            except OSError as exc:
+                errors.append((Path(save_path), exc))
+
+        ce.save = save
+        if copy_scripts is not None:
+            engine._copy_recovery_script = copy
+        try:
+            yield
+        finally:
+            del ce.save
+            if copy_scripts is not None:
+                del engine._copy_recovery_script
+
+    def _commit(self, tmp: Path, final: Path, state: dict, files: dict) -> None:
+        """Rank 0: manifest, marker, rename, `latest`, retention. A failed write raises _Failed, after putting
+        checkpoints/ and `latest` back as they were."""
+        step = state["step"]
+        path = tmp
+        try:
+            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):  # a file no rank reported
+                rel = str(path.relative_to(tmp))
+                if files.get(rel) is None:
+                    files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+            manifest = json.dumps({"step": step, "files": dict(sorted(files.items()))}, indent=1).encode()
+            path = tmp / MANIFEST_FILE
+            write_file(path, lambda f: f.write(manifest))
+            self._fault("manifest", step)
+            path = tmp / contract.COMPLETE_MARKER
+            write_file(path, lambda f: f.write(b"ok\n"))
+            self._fault("marker", step)
+            path = tmp
+            _fsync_path(tmp)
+            os.rename(tmp, final)
+            _fsync_path(self.dir)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _Failed(path, exc) from exc
+        self._fault("renamed", step)
+        try:
+            self._write_latest(final.name, step)
+        except OSError as exc:  # complete but not `latest`: take it away again, so that nothing changed
+            try:
+                self._remove(final)
+            except OSError:
+                pass
+            raise _Failed(self.run_dir / (contract.LATEST_FILE + ".tmp"), exc) from exc
+        try:
+            self.retain(step)
+        except OSError as exc:  # the new checkpoint is complete and `latest`: deletion can wait for the next save
+            self.log(f"warning: retention failed ({exc}); older checkpoints are deleted at the next save")
+
+    def _write_latest(self, name: str, step: int) -> None:
         latest = self.run_dir / contract.LATEST_FILE
         tmp = latest.with_name(latest.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(f"{contract.CHECKPOINTS_DIR}/{name}\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            write_file(tmp, lambda f: f.write(f"{contract.CHECKPOINTS_DIR}/{name}\n".encode()))
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._fault("latest", step)
         os.replace(tmp, latest)
         _fsync_path(self.run_dir)
+
+    def _gather(self, value) -> list:
+        """Collective: every rank's value, in rank order."""
+        out = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+    def _describe(self, path: Path, exc: BaseException) -> str:
+        try:
+            where = path.relative_to(self.run_dir)
+        except ValueError:
+            where = path
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = "no space left on device (ENOSPC)" if exc.errno == errno.ENOSPC else "disk quota exceeded (EDQUOT)"
+            try:
+                usage = shutil.disk_usage(self.dir)
+                room = f"; {_size(usage.free)} free of {_size(usage.total)} on the file system of {self.dir}"
+            except OSError:
+                room = ""
+            return f"rank {self.rank}: {what} writing {where}{room}"
+        return f"rank {self.rank}: writing {where} failed: {type(exc).__name__}: {exc}"
+
+    def _raise_if(self, problems: list, step: int, tmp: Path) -> None:
+        """Collective outcome: the same CheckpointError on every rank if any rank had a problem."""
+        problems = [p for p in problems if p]
+        if not problems:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = self.run_dir / contract.LATEST_FILE
+        previous = latest.read_text().strip() if latest.exists() else None
+        kept = (f"{previous} is intact and still `latest`" if previous else "there is no earlier checkpoint")
+        try:  # what a checkpoint of this run takes, from the previous one's manifest
+            files = json.loads((self.run_dir / previous / MANIFEST_FILE).read_text())["files"]
+            kept += f" (a checkpoint of this run takes {_size(sum(f['bytes'] for f in files.values()))})"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        full = any("(ENOSPC)" in p or "(EDQUOT)" in p for p in problems)
+        fix = ("free space on that file system (or raise the quota), lower checkpoint.keep_last, or point "
+               "checkpoint.dir at a larger volume" if full else f"check that {self.dir} is writable from every node")
+        raise CheckpointError(
+            f"checkpoint {step_name(step)} could not be written: " + "; ".join(problems)
+            + f". Its folder was removed; {kept}.",
+            fix + "; then start the job again" + (f": it resumes from {previous}" if previous else ""))
+
+    # ---- retention --------------------------------------------------------------------------------
 
     def complete(self) -> list[Path]:
         """Complete checkpoint folders, oldest first (no checksum check: that is done on resume)."""
         if not self.dir.exists():
             return []
-        found = [p for p in self.dir.iterdir() if p.name.startswith("step-") and (p / contract.COMPLETE_MARKER).exists()]
+        found = [p for p in self.dir.iterdir() if STEP_NAME.fullmatch(p.name) and not p.is_symlink()
+                 and (p / contract.COMPLETE_MARKER).exists()]
         return sorted(found, key=lambda p: p.name)
 
-    def retain(self) -> None:
-        """Keep checkpoint.keep_last newest complete checkpoints plus the best; delete the rest (rank 0)."""
-        done = self.complete()
+    def retain(self, step: int | None = None) -> None:
+        """Rank 0, after checkpoint `step` is complete and `latest`: keep the checkpoint.keep_last newest
+        complete checkpoints up to `step` plus the best one, delete the other ones up to `step`, and the
+        leftovers of killed saves and deletions. Checkpoints after `step` (a run resumed from an earlier
+        `latest`) are left alone: saving that step again replaces them."""
+        done = [p for p in self.complete() if step is None or step_of(p) <= step]
         keep = set(done[-self.spec.checkpoint.keep_last:])
         best = self._best(done)
         if best is not None:
             keep.add(best)
-        root = self.dir.resolve()
         for path in done:
-            if path in keep:
-                continue
-            if path.resolve().parent != root:  # never delete outside the run directory
-                continue
-            shutil.rmtree(path, ignore_errors=True)
-        for stale in self.dir.glob(TMP_PREFIX + "*"):  # leftovers of saves that never completed
-            if stale.resolve().parent == root and stale.name < TMP_PREFIX + done[-1].name:
-                shutil.rmtree(stale, ignore_errors=True)
+            if path not in keep:
+                self._remove(path, step)
+        for path in list(self.dir.iterdir()):
+            if path.name.startswith((TMP_PREFIX, DEL_PREFIX)):
+                self._remove(path)
 
     def _best(self, done: list[Path]) -> Path | None:
-        scored = []
+        """The checkpoint at the run's best evaluation (best_step of the newest state), else the best metric."""
+        states = {}
         for path in done:
             try:
-                metric = json.loads((path / STATE_FILE).read_text()).get("metric")
+                states[path] = json.loads((path / STATE_FILE).read_text())
             except (OSError, ValueError):
                 continue
-            if metric is not None:
-                scored.append((metric if self.greater_is_better else -metric, path.name, path))
+        if not states:
+            return None
+        best_step = states[max(states, key=lambda p: p.name)].get("best_step")
+        for path in states:
+            if best_step is not None and step_of(path) == best_step:
+                return path
+        scored = [((s["metric"] if self.greater_is_better else -s["metric"]), p.name, p)
+                  for p, s in states.items() if s.get("metric") is not None]
         return max(scored)[2] if scored else None
+
+    def _remove(self, path: Path, step: int | None = None) -> None:
+        """Delete a folder directly inside checkpoints/. A step-N folder is first renamed to .del-step-N (one
+        atomic step out of the step-* names, so a half-deleted checkpoint never counts). A symlink is unlinked,
+        never followed; shutil.rmtree does not follow the links inside either; nothing outside checkpoints/."""
+        if path.parent != self.dir:
+            raise ValueError(f"refusing to delete {path}: not inside {self.dir}")
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()
+            return
+        if STEP_NAME.fullmatch(path.name):
+            trash = self.dir / (DEL_PREFIX + path.name)
+            if trash.exists():
+                shutil.rmtree(trash)
+            os.rename(path, trash)
+            if step is not None:
+                self._fault("retention", step)
+            path = trash
+        shutil.rmtree(path)
 
     # ---- resuming ---------------------------------------------------------------------------------
 
@@ -180,7 +488,12 @@ class Checkpointer:
             candidates = []
             latest = self.run_dir / contract.LATEST_FILE
             if latest.exists():
-                candidates.append(self.run_dir / latest.read_text().strip())
+                named = latest.read_text().strip()
+                path = self.run_dir / named
+                if path.parent == self.dir and STEP_NAME.fullmatch(path.name):
+                    candidates.append(path)
+                else:
+                    self.log(f"warning: {contract.LATEST_FILE} names {named!r}, not a checkpoint of this run; ignored")
             candidates += [p for p in reversed(self.complete()) if p not in candidates]
             for path in candidates:
                 problem = verify(path) if path.exists() else "does not exist"

@@ -196,7 +196,14 @@ class Loop:
         path = self.ckpt.find()
         if path is None:
             return False
-        self.state, _ = self.ckpt.load(self.engine, path)
+        self.state, rank_state = self.ckpt.load(self.engine, path)
+        saved, here = rank_state.get("position"), self.batch_position(self.state["step"])
+        if saved is not None and saved != here:  # the batcher seeks from the step: it must land where the save was
+            from jobs.errors import ResumeError
+
+            raise ResumeError(f"{path}: rank {self.ctx.rank} saved data position {saved}, but this data gives {here} "
+                              "at that step: the prepared data changed", "point data.prepared at the data the run "
+                              "started with, or start a new run")
         self.resumed_from = path
         self.ctx.log(f"resumed from {path.relative_to(self.ctx.run_dir)} at step {self.state['step']}")
         return True
@@ -314,8 +321,6 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"[mbl] {spec.run_dir} is finished ({contract.DONE_FILE} exists); nothing to do", flush=True)
         return 0
-    from jobs.errors import DataError
-
     try:
         ctx = Context(spec)
         if spec.kind == "prepare":
@@ -327,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.finetune import run_finetune
 
         return run_finetune(ctx)
-    except DataError as exc:
+    except MblError as exc:  # DataError, ResumeError, CheckpointError (a full disk): a message, no traceback
         print(exc.render(), file=sys.stderr, flush=True)
         return exc.exit_code
 

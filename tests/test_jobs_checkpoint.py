@@ -1,0 +1,306 @@
+"""Checkpoints under faults, on the CPU with two ranks (DeepSpeed, gloo): kill -9 of the whole job at every
+named point inside a save, a full disk during a save, refused resumes, and retention.
+
+Every job here is a few steps of the tiny model on data prepared once, in process. Jobs that are killed or
+must show each rank's exit code start their ranks directly, as one process group of their own, so that a
+rank at a fault point can SIGKILL the whole job at once (torchrun gives each worker a session of its own);
+the others run under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from jobs.checkpoint import (
+    DEL_PREFIX,
+    FAULT_POINTS,
+    MANIFEST_FILE,
+    STATE_FILE,
+    TMP_PREFIX,
+    Checkpointer,
+    step_name,
+    verify,
+    write_file,
+)
+from jobs.data import file_sha256
+from launcher import contract
+from launcher.loading import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+FAST = ["train.global_batch_size=8", "train.micro_batch_size=4", "train.warmup_steps=0", "train.log_every_steps=1",
+        "train.eval_every_steps=1000", "train.eval_batches=1", "checkpoint.every_steps=1", "checkpoint.keep_last=2"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    from jobs import data as D
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    spec = load_spec(REPO / "examples/pretrain-tiny.yaml", sets=[f"checkpoint.dir={out.parent}"]).resolved(REPO)
+    D.prepare(spec, out, log=lambda m: None)
+    return out
+
+
+def write_spec(run_dir: Path, prepared: Path, *sets: str) -> Path:
+    spec = load_spec(REPO / "examples/pretrain-tiny.yaml",
+                     sets=[f"checkpoint.dir={run_dir}", f"data.prepared={prepared}", *FAST, *sets]).resolved(REPO)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / contract.SPEC_FILE
+    path.write_text(spec.to_yaml())
+    return path
+
+
+def torchrun(spec: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(nproc), "-m", "jobs.train", "--spec",
+           str(spec)]
+    return subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def job(spec: Path, logs: Path, env: dict | None = None, world: int = 2) -> tuple[list[int], list[str]]:
+    """The ranks as one job in a process group of its own; returns each rank's exit code and output."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs, files = [], []
+    for rank in range(world):
+        e = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+             "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+             "OMP_NUM_THREADS": "1", **(env or {})}
+        files.append(logs.with_name(f"{logs.name}-rank{rank}.log"))
+        with open(files[-1], "w") as out:
+            group = procs[0].pid if procs else 0  # a process group of their own: rank 0 leads it
+            procs.append(subprocess.Popen([sys.executable, "-m", "jobs.train", "--spec", str(spec)], cwd=REPO,
+                                          env=e, stdout=out, stderr=subprocess.STDOUT, process_group=group))
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return codes, [f.read_text() for f in files]
+
+
+def mbl_lines(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if "[mbl]" in line or "rror" in line or "warning" in line)
+
+
+def checkpoints(run: Path) -> dict[int, str | None]:
+    """step -> None if it verifies, else what is wrong; complete checkpoint folders only."""
+    ckpt = Checkpointer(run, None, 0, 1)
+    return {int(p.name[5:]): verify(p) for p in ckpt.complete()}
+
+
+def latest(run: Path) -> str:
+    return (run / contract.LATEST_FILE).read_text().strip()
+
+
+def losses(run: Path) -> dict[int, set[float]]:
+    out: dict[int, set[float]] = {}
+    for line in (run / contract.METRICS_FILE).read_text().splitlines():
+        row = json.loads(line)
+        if "split" not in row:
+            out.setdefault(row["step"], set()).add(row["loss"])
+    return out
+
+
+# ---- kill -9 inside a save ----------------------------------------------------------------------------
+
+# The save of step N is cut at `point`; a restart must then resume from the checkpoint named here.
+AFTER_RENAME = ("retention",)  # `latest` already names step N
+
+
+@pytest.mark.slow
+def test_kill9_at_every_point_inside_a_save_resumes_from_a_complete_checkpoint(prepared, tmp_path):
+    """One run, killed once per point: each launch resumes, saves step R+1, and is killed (the whole job:
+    both ranks, SIGKILL) inside the save of step R+2 at the next point. Each restart must resume from a
+    complete checkpoint that verifies, and replayed steps must give the same loss bit for bit."""
+    run = tmp_path / "run"
+    points = list(FAULT_POINTS)
+    assert len(points) >= 10
+    spec = write_spec(run, prepared, f"train.max_steps={2 * len(points) + 4}")
+    resumed = 0
+    for i, point in enumerate(points):
+        target = resumed + 2
+        rank = 1 if point in ("deepspeed-file", "rank-state") else 0  # a rank-1 write is cut too
+        codes, outs = job(spec, tmp_path / f"launch{i}", env={
+            "MBL_FAULT_AT": f"{point}@{target}", "MBL_FAULT_RANK": str(rank), "MBL_FAULT_KILL": "group"})
+        assert codes == [-9, -9], (point, codes, mbl_lines(outs[0]), outs[1][-3000:])
+        assert f"MBL_FAULT_AT: SIGKILL at {point} of step {target}" in outs[rank], mbl_lines(outs[rank])
+        if resumed:
+            assert f"resumed from checkpoints/{step_name(resumed)} at step {resumed}" in outs[0], mbl_lines(outs[0])
+        else:
+            assert "resumed from" not in outs[0]
+        assert "Traceback" not in outs[0] + outs[1], (point, outs)
+
+        if point == "marker":  # a COMPLETE marker inside a temporary folder: it must not count
+            assert (run / contract.CHECKPOINTS_DIR / (TMP_PREFIX + step_name(target)) / contract.COMPLETE_MARKER).exists()
+        found = checkpoints(run)
+        assert all(problem is None for problem in found.values()), (point, found)  # complete ones all verify
+        expected = target if point in AFTER_RENAME else target - 1
+        assert (target in found) == (point in ("renamed", "latest", *AFTER_RENAME)), (point, sorted(found))
+        assert latest(run) == f"checkpoints/{step_name(expected)}", point
+        resumed = expected
+
+    assert (run / contract.CHECKPOINTS_DIR / (DEL_PREFIX + step_name(resumed - 2))).exists()  # retention's cut
+    proc = torchrun(spec)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resumed from checkpoints/{step_name(resumed)}" in proc.stdout, mbl_lines(proc.stdout)
+    assert (run / contract.DONE_FILE).exists()
+    replayed = {step: seen for step, seen in losses(run).items()}
+    assert all(len(seen) == 1 for seen in replayed.values()), replayed  # a step run twice gives the same loss
+    names = sorted(p.name for p in (run / contract.CHECKPOINTS_DIR).iterdir() if p.is_dir())
+    total = 2 * len(points) + 4
+    assert names == [step_name(total - 2), step_name(total - 1)], names  # keep_last 2; leftovers cleaned up
+
+
+# ---- a full disk --------------------------------------------------------------------------------------
+
+
+def checkpoint_bytes(spec_path: Path, prepared: Path) -> int:
+    """What one checkpoint of the tiny model takes: ZeRO-1, fp32, AdamW: 4 bytes of weights and 12 of
+    optimizer state (master copy, two moments) per parameter."""
+    from jobs.model import pretrain_model
+
+    index = json.loads((prepared / "index.json").read_text())
+    model = pretrain_model(load_spec(spec_path), index["vocab_size"], index["special_ids"])
+    return 16 * sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpoint(prepared, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    run = tmp_path / "run"
+    run.mkdir()
+    spec = write_spec(tmp_path / "probe", prepared, "train.max_steps=8", "checkpoint.every_steps=2",
+                      "checkpoint.keep_last=1")
+    size = int(1.5 * checkpoint_bytes(spec, prepared))  # the first checkpoint fits, a second one beside it not
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(run)], check=True)
+    try:
+        spec = write_spec(run, prepared, "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=1")
+        codes, outs = job(spec, tmp_path / "full")
+        assert codes == [1, 1], (codes, outs)
+        for out in outs:
+            assert "Traceback" not in out, out
+            error = out[out.index("error: "):]
+            assert error.startswith("error: checkpoint step-00000004 could not be written: rank "), error
+            assert "no space left on device (ENOSPC) writing checkpoints/.tmp-step-00000004/" in error, error
+            assert re.search(rf"free of [0-9.]+ MB on the file system of {run}/checkpoints", error), error
+            assert re.search(r"checkpoints/step-00000002 is intact and still `latest` \(a checkpoint of this run "
+                             r"takes [0-9.]+ MB\)", error), error
+            assert ("fix: free space on that file system (or raise the quota), lower checkpoint.keep_last, or "
+                    "point checkpoint.dir at a larger volume; then start the job again: it resumes from "
+                    "checkpoints/step-00000002") in error, error
+        assert latest(run) == "checkpoints/step-00000002"
+        assert checkpoints(run) == {2: None}
+        assert not [p for p in (run / contract.CHECKPOINTS_DIR).iterdir() if p.name.startswith(TMP_PREFIX)]
+
+        # The fix works: more room, the same job again resumes from step 2 and finishes.
+        subprocess.run(["mount", "-o", f"remount,size={4 * size}", str(run)], check=True)
+        proc = torchrun(spec)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "resumed from checkpoints/step-00000002 at step 2" in proc.stdout, mbl_lines(proc.stdout)
+    finally:
+        subprocess.run(["umount", "-l", str(run)], check=False)
+
+
+# ---- refused resumes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_spec_and_another_world_size(prepared, tmp_path):
+    run = tmp_path / "run"
+    spec = write_spec(run, prepared, "train.max_steps=2")
+    proc = torchrun(spec)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run / contract.DONE_FILE).unlink()  # as if it had stopped after the step-1 checkpoint
+    assert latest(run) == "checkpoints/step-00000001"
+
+    write_spec(run, prepared, "train.max_steps=2", "train.lr=0.001")
+    codes, outs = job(spec, tmp_path / "lr")
+    assert codes == [2, 2], (codes, outs)
+    assert f"error: {run}/checkpoints/step-00000001 was written by a spec with training fingerprint" in outs[0]
+    assert "fix: restore the original spec, or start a new run" in outs[0]
+    assert "Traceback" not in outs[0] + outs[1]
+
+    write_spec(run, prepared, "train.max_steps=2")
+    codes, outs = job(spec, tmp_path / "world", world=1)
+    assert codes == [2], (codes, outs)
+    assert f"error: {run}/checkpoints/step-00000001 was written by 2 ranks, this job has 1" in outs[0], outs[0]
+    assert "fix: run with distributed.nodes x gpus_per_node = 2, or start a new run" in outs[0]
+    assert not (run / contract.DONE_FILE).exists() and latest(run) == "checkpoints/step-00000001"
+
+
+# ---- retention (no training) --------------------------------------------------------------------------
+
+
+def fake_checkpoint(root: Path, step: int, metric: float, best_step: int, complete: bool = True) -> Path:
+    folder = root / contract.CHECKPOINTS_DIR / step_name(step)
+    folder.mkdir(parents=True)
+    (folder / STATE_FILE).write_text(json.dumps({"step": step, "metric": metric, "best_step": best_step}))
+    (folder / "weights.pt").write_bytes(os.urandom(64))
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(folder.iterdir())}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": files}))
+    if complete:
+        (folder / contract.COMPLETE_MARKER).write_text("ok\n")
+    return folder
+
+
+def test_retention_keeps_last_and_best_and_never_leaves_the_run_dir(tmp_path):
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.bin").write_bytes(b"keep me")
+    (outside / contract.COMPLETE_MARKER).write_text("ok\n")  # looks like a checkpoint through a symlink
+    ckpt = Checkpointer(run, SimpleNamespace(checkpoint=SimpleNamespace(keep_last=2)), 0, 1, log=lambda m: None)
+    for step, metric in ((1, 0.1), (2, 0.5), (3, 0.4), (4, 0.3)):
+        fake_checkpoint(run, step, metric, best_step=1)
+    assert all(verify(p) is None for p in ckpt.complete())
+    newer = fake_checkpoint(run, 5, 0.2, best_step=1, complete=False)  # a save in flight: not complete yet
+    (ckpt.dir / step_name(0)).symlink_to(outside, target_is_directory=True)
+    (ckpt.dir / step_name(2) / "link").symlink_to(outside / "precious.bin")
+    (ckpt.dir / (TMP_PREFIX + step_name(3))).mkdir()  # a save killed earlier
+    (ckpt.dir / (DEL_PREFIX + step_name(1))).mkdir()  # a deletion killed earlier
+
+    ckpt.retain(4)
+    names = sorted(p.name for p in ckpt.dir.iterdir())
+    # keep_last 2 (steps 3, 4) + the best (step 1); step 5 is not complete, so step 3 stays; leftovers gone
+    assert names == [step_name(i) for i in (0, 1, 3, 4, 5)], names
+    assert (outside / "precious.bin").read_bytes() == b"keep me"  # the link inside step 2 was not followed
+    assert (ckpt.dir / step_name(0)).is_symlink() and (outside / contract.COMPLETE_MARKER).exists()
+
+    (newer / contract.COMPLETE_MARKER).write_text("ok\n")  # step 5 complete: now step 3 may go
+    ckpt.retain(5)
+    assert sorted(p.name for p in ckpt.dir.iterdir()) == [step_name(i) for i in (0, 1, 4, 5)]
+    assert sorted(p.name for p in outside.iterdir()) == [contract.COMPLETE_MARKER, "precious.bin"]
+
+    # A checkpoint after the step being saved (a run resumed from an earlier `latest`) is not counted.
+    fake_checkpoint(run, 9, 0.9, best_step=1)
+    ckpt.retain(5)
+    assert sorted(p.name for p in ckpt.dir.iterdir()) == [step_name(i) for i in (0, 1, 4, 5, 9)]
+    with pytest.raises(ValueError, match="not inside"):
+        ckpt._remove(outside)
+
+
+def test_fault_points_are_checked(monkeypatch, tmp_path):
+    monkeypatch.setenv("MBL_FAULT_AT", "rename@3")
+    with pytest.raises(ValueError, match="unknown point 'rename'; points: begin, deepspeed-file"):
+        Checkpointer(tmp_path, None, 1, 2)
+
+
+def test_write_file_hashes_while_writing(tmp_path):
+    import torch
+
+    path = tmp_path / "t.pt"
+    info = write_file(path, lambda f: torch.save({"w": torch.arange(10_000)}, f))
+    assert info == {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    assert torch.equal(torch.load(path)["w"], torch.arange(10_000))
