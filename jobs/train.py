@@ -306,6 +306,18 @@ def run_prepare(ctx: Context) -> int:
     return 0
 
 
+def _keep_spec(spec, given: Path) -> None:
+    """The run directory keeps the spec it runs. Slurm and local write it at submit; on Kubernetes the spec
+    comes from a ConfigMap and the launcher cannot reach the volume, so rank 0 copies it in on first start."""
+    from launcher.rundir import check_run_dir, write_spec
+
+    target = Path(spec.run_dir) / contract.SPEC_FILE
+    if target.exists() and target.resolve() == given.resolve():
+        return
+    if check_run_dir(spec) == "new":  # raises UsageError when the run dir holds a different job
+        write_spec(spec)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
     parser.add_argument("--spec", required=True, help="the resolved spec (normally <run_dir>/spec.yaml)")
@@ -323,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         ctx = Context(spec)
+        if ctx.rank == 0:
+            _keep_spec(spec, Path(args.spec))
         if spec.kind == "prepare":
             return run_prepare(ctx)
         if spec.kind == "pretrain":
