@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 source "${MBL_SLURM_DIR:-/tmp/mbl-slurm}/env.sh"
 export MBL_REQUIRE_SLURM=1
-exec .venv/bin/python -m pytest -ra "$@"
+exec .venv/bin/python -m pytest -ra --durations=15 "$@"
