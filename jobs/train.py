@@ -351,13 +351,23 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
 
 
-if __name__ == "__main__":
-    code = main()
+def _exit(code: int) -> None:
+    """Leave together and without C++ teardown: after a success every rank meets at a barrier (rank 0 may still
+    be writing final/), the process group is destroyed, and the process ends with os._exit, because gloo's and
+    DeepSpeed's threads can abort ("terminate called without an active exception") in static destructors."""
     try:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
+            if code == 0:
+                dist.barrier()
             dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - exiting anyway
+    except Exception:  # noqa: BLE001 - exiting anyway; the exit code says how the job ended
         pass
-    sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    _exit(main())
