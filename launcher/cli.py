@@ -308,7 +308,10 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         table.add_column(column.upper())
     for row in rows:
         table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: don't cut names to 80 columns
+        console = Console(width=max(console.width, 200))
+    console.print(table)
 
 
 @cli.command()
