@@ -409,7 +409,7 @@ def schema() -> None:
     click.echo(json.dumps(json_schema(), indent=2))
 
 
-@cli.command(name="export", context_settings={"ignore_unknown_options": True})
+@cli.command(name="export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--onnx", is_flag=True, help="Export final/ to ONNX and check it against PyTorch.")
 @click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", help="Dynamic int8 quantization.")
