@@ -172,3 +172,19 @@ def test_launcher_never_imports_heavy_packages(mbl_env):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=mbl_env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_quota_commands_without_or_with_a_bad_policy(tmp_path):
+    result = run("quota", "show", "--cluster", "k8s")
+    assert result.exit_code == 2 and "needs the policy" in result.output
+    bad = tmp_path / "policy.yaml"
+    bad.write_text("teams:\n  NLP: {gpus: 4}\n")
+    result = run("quota", "render", "--k8s", str(bad))
+    assert result.exit_code == 2 and "DNS-1035" in result.output
+    good = tmp_path / "good.yaml"
+    good.write_text("teams:\n  nlp: {gpus: 4, max_gpus_per_job: 2}\n")
+    result = run("quota", "apply", str(good))  # prints, runs nothing without --yes
+    assert result.exit_code == 0
+    assert "sacctmgr -i modify account where name=nlp set GrpTRES=gres/gpu=4 MaxTRESPerJob=gres/gpu=2" in result.output
+    result = run("quota", "report", "--since", "yesterday")
+    assert result.exit_code == 2 and "not a date" in result.output
