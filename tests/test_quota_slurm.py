@@ -36,6 +36,9 @@ def test_policy_precheck_backstop_and_report(cluster, tmp_path):
     policy.write_text(POLICY)
     cluster["env"]["MBL_QUOTA_POLICY"] = str(policy)
     jobs = []
+    # The numbers below assume team nlp holds no GPUs yet: let jobs of earlier tests leave the queue first.
+    wait_for("team nlp's earlier jobs to leave the queue",
+             lambda: not slurm(cluster, "squeue", "-h", "-A", "nlp", "-o", "%i").strip(), 180)
     try:
         # 1. the policy becomes the cluster's own limits
         mbl(cluster, "quota", "apply", "--cluster", "slurm", str(policy), "--yes")
@@ -81,7 +84,14 @@ def test_policy_precheck_backstop_and_report(cluster, tmp_path):
         wait_for(f"job {job_id} to end", lambda j=job_id: state(cluster, j) in ("CANCELLED", "COMPLETED", "FAILED"),
                  90)
 
-    # 5. GPU-hours of these jobs equal what sacct says
+    # 5. GPU-hours of these jobs equal what sacct says (slurmdbd records a job's end asynchronously: wait for it)
+    def accounted() -> bool:
+        out = slurm(cluster, "sacct", "-X", "-n", "-P", "-j", ",".join(jobs), "-o", "JobID,State")
+        ended = {line.split("|")[0] for line in out.splitlines()
+                 if line.split("|")[1].split(" ")[0] in ("CANCELLED", "COMPLETED", "FAILED")}
+        return ended == set(jobs)
+
+    wait_for("slurmdbd to record both jobs' end", accounted, 60)
     report = {r["job"]: r for r in json.loads(
         mbl(cluster, "quota", "report", "--since", date.today().isoformat(), "--by", "job", "-o", "json").stdout)}
     for job_id in jobs:
