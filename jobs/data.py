@@ -116,7 +116,6 @@ def read_texts(paths: list[Path], text_field: str) -> Iterator[str]:
 def train_tokenizer(texts: list[str], vocab_size: int, max_length: int):
     """A byte-level BPE tokenizer with ModernBERT's special tokens, wrapped for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)

@@ -107,7 +107,7 @@ def resolve_init(path: str | Path) -> Path:
         if not (final / "config.json").exists():
             raise DataError(f"model.init_from={path} is a run directory without {contract.FINAL_DIR}/ "
                             "(the pre-training has not finished)",
-                            f"wait for the run to finish, or point model.init_from at a model folder")
+                            "wait for the run to finish, or point model.init_from at a model folder")
         return final
     if (path / "config.json").exists():
         return path

@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import socket
 import sys
 import time

@@ -198,7 +198,7 @@ def submit(spec_path: str, cluster: str | None, short: str | None, sets: tuple[s
         click.echo(str(request), nl=False)
         return
     if not no_quota_check and name != "local" and not dry_run:
-        _quota_precheck(name, spec, profile)
+        _quota_precheck(name, spec)
     ref = backend.submit(request)
     if dry_run:
         click.echo(f"server-side dry run accepted {spec.name} in namespace {spec.k8s.namespace}")
@@ -222,14 +222,14 @@ def _policy_path(explicit: str | None) -> Path | None:
     return config if config.exists() else None
 
 
-def _quota_precheck(cluster: str, spec: Any, profile: str | None) -> None:
+def _quota_precheck(cluster: str, spec: Any) -> None:
     """Refuse a job that would break its team's GPU share, when a quota policy is configured."""
     policy = _policy_path(None)
     if policy is None:
         return
     from launcher import quota
 
-    quota.precheck(cluster, spec, str(policy), profile)
+    quota.precheck(cluster, spec, str(policy))
 
 
 def _follow_local(backend: Any, registry: Any, record: Any) -> int:

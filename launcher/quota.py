@@ -200,7 +200,7 @@ class QuotaExceeded(UsageError):
     exit_code = QUOTA_EXIT_CODE
 
 
-def precheck(cluster: str, spec: JobSpec, policy_path: str, profile: str | None = None) -> None:
+def precheck(cluster: str, spec: JobSpec, policy_path: str) -> None:
     policy = load_policy(policy_path)
     usage: Usage | None = None
     if cluster == "slurm":
