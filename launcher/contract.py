@@ -26,6 +26,19 @@ FINAL_DIR = "final"
 DONE_FILE = "DONE"
 COMPLETE_MARKER = "COMPLETE"
 
-# The trainer exits with this code after saving on SIGUSR1/SIGTERM or near the time limit:
-# "requeue me". (75 is EX_TEMPFAIL of sysexits.h.) Any other non-zero code is a real failure.
+# ---- rank exit codes (python -m jobs.train) ----------------------------------------------------------
+# A rank exits with this code after saving on SIGUSR1/SIGTERM or near the time limit: "requeue me".
+# (75 is EX_TEMPFAIL of sysexits.h.)
 REQUEUE_EXIT_CODE = 75
+# A rank exits with this code on bad input (a missing data file, a changed spec): never worth a retry.
+USAGE_EXIT_CODE = 2
+
+# ---- launch outcomes (python -m jobs.launch, one per node) -------------------------------------------
+# One exit code per outcome; every backend reads them the same way (see jobs/launch.py for the table).
+LAUNCH_DONE = 0  # the job is complete
+LAUNCH_FAILED = 1  # failed for good: restarting would not help (bad input, no progress, restarts used up)
+# Run me again: the ranks saved on a signal, or a crash after progress with restarts left. 128 + SIGTERM,
+# because the training operator's ExitCode restart policy retries exit codes >= 128 only.
+LAUNCH_REQUEUE = 143
+OUTCOMES_FILE = "logs/outcomes.jsonl"  # one JSON line per attempt: outcome, reason, checkpoint steps
+LEASE_DIR = "lease"  # the trainer's lease: one writer per run directory (jobs/lease.py)

@@ -191,6 +191,11 @@ class TrainSpec(Strict):
     eval_every_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; unset: at every checkpoint.")
     eval_batches: int = Field(20, ge=1, description="Micro batches per rank in a pre-training evaluation.")
     epochs: int | None = Field(None, ge=1, description="Finetune: epochs over the training set (overrides max_steps).")
+    deterministic: bool = Field(
+        False,
+        description="Deterministic kernels (torch.use_deterministic_algorithms, a fixed cuBLAS workspace), so that "
+        "a resumed run matches an uninterrupted one on a GPU too; slower.",
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainSpec":
@@ -243,6 +248,11 @@ class CheckpointSpec(Strict):
     )
     every_steps: int = Field(500, ge=1, description="Save every N optimizer steps.")
     keep_last: int = Field(3, ge=1, description="Keep the N newest checkpoints (plus the best one).")
+    save_grace_seconds: int = Field(
+        300, ge=10, le=7200,
+        description="Seconds the ranks get to save a checkpoint after a stop signal before they are killed "
+        "(torchrun's shutdown timeout on every backend; Kubernetes' grace period must exceed it).",
+    )
 
 
 class ExportSpec(Strict):
@@ -391,6 +401,13 @@ class JobSpec(Strict):
             errors.append("a prepare job needs data.train: the text files to tokenize")
         if self.kind == Kind.pretrain.value and not self.data.train and not self.data.prepared:
             errors.append("a pretrain needs data.prepared (a prepared data folder) or data.train (text files)")
+        grace = self.checkpoint.save_grace_seconds + 30
+        if self.k8s.termination_grace_seconds < grace:
+            errors.append(
+                f"k8s.termination_grace_seconds ({self.k8s.termination_grace_seconds}) must exceed "
+                f"checkpoint.save_grace_seconds ({self.checkpoint.save_grace_seconds}) by at least 30 s, or Kubernetes "
+                f"kills a pod that is still saving; set it to {grace} or more"
+            )
         if self.export.quantize != "none" and not self.export.onnx:
             errors.append("export.quantize needs export.onnx: true (the quantized model is an ONNX model)")
         if errors:
@@ -437,7 +454,7 @@ class JobSpec(Strict):
         data = self.model_dump(mode="json")
         for key in ("slurm", "k8s", "resources", "image", "env", "secrets", "team", "export", "checkpoint"):
             data.pop(key, None)
-        for key in ("max_steps", "log_every_steps", "eval_every_steps", "eval_batches"):
+        for key in ("max_steps", "log_every_steps", "eval_every_steps", "eval_batches", "deterministic"):
             data["train"].pop(key, None)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
