@@ -19,6 +19,10 @@ CheckpointError, which the trainer prints as one message with the fix (exit code
 Fault injection, for tests: MBL_FAULT_AT=<point>[@<step>] makes rank MBL_FAULT_RANK (default 0) SIGKILL
 itself at that point of the save sequence (MBL_FAULT_KILL=group: its whole process group, i.e. the whole
 job when the ranks were started in one group). The points, in order, are FAULT_POINTS below.
+MBL_FAULT_SAVE_DELAY=<seconds>[@<step>] makes rank MBL_FAULT_RANK sleep that long inside a save (of every
+step, or of that step only), once the temporary folder exists and before DeepSpeed writes; it prints a line
+saying so. A slow save on a slow file system, to show that the ranks get their save window after a stop
+signal before anyone kills them. The other ranks wait for it in the save's next collective.
 """
 
 from __future__ import annotations
@@ -183,9 +187,11 @@ class Checkpointer:
         self.dir = self.run_dir / contract.CHECKPOINTS_DIR
         self.spec, self.rank, self.world, self.log = spec, rank, world, log
         self.save_seconds: float | None = None  # measured; used by the deadline check
+        self.before_commit = None  # rank 0: called before a checkpoint is committed; raises to refuse it
         self.greater_is_better = False
         self._fault_at = self._parse_fault(os.environ.get("MBL_FAULT_AT", ""))
         self._fault_rank = int(os.environ.get("MBL_FAULT_RANK", "0"))
+        self._save_delay = self._parse_delay(os.environ.get("MBL_FAULT_SAVE_DELAY", ""))
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -199,6 +205,28 @@ class Checkpointer:
         if point not in FAULT_POINTS:
             raise ValueError(f"MBL_FAULT_AT={value!r}: unknown point {point!r}; points: {', '.join(FAULT_POINTS)}")
         return point, int(at) if at else None
+
+    @staticmethod
+    def _parse_delay(value: str) -> tuple[float, int | None] | None:
+        if not value:
+            return None
+        seconds, _, at = value.partition("@")
+        try:
+            delay = float(seconds), int(at) if at else None
+        except ValueError:
+            raise ValueError(f"MBL_FAULT_SAVE_DELAY={value!r}: expected <seconds>[@<step>]") from None
+        return delay if delay[0] > 0 else None
+
+    def _delay(self, step: int) -> None:
+        if self._save_delay is None or self.rank != self._fault_rank:
+            return
+        seconds, at = self._save_delay
+        if at is not None and at != step:
+            return
+        print(f"[mbl] MBL_FAULT_SAVE_DELAY: rank {self.rank} sleeps {seconds:g}s inside the save of step {step} "
+              "(temporary folder ready, nothing written)", flush=True)
+        time.sleep(seconds)  # a stop signal runs its handler (sets the flag) and the sleep goes on (PEP 475)
+        print(f"[mbl] MBL_FAULT_SAVE_DELAY: rank {self.rank} goes on with the save of step {step}", flush=True)
 
     def _fault(self, point: str, step: int) -> None:
         if self._fault_at is None or self.rank != self._fault_rank:
@@ -233,6 +261,7 @@ class Checkpointer:
                 problem = self._describe(tmp, exc)
         self._raise_if(self._gather(problem), step, tmp)
         self._fault("begin", step)
+        self._delay(step)
 
         written: dict[Path, dict | None] = {}
         errors: list[tuple[Path, BaseException]] = []
@@ -263,9 +292,13 @@ class Checkpointer:
             for _, rank_records in gathered:
                 files.update(rank_records)
             try:
+                if self.before_commit is not None:
+                    self.before_commit()  # the lease: a job that lost the run directory never moves `latest`
                 self._commit(tmp, final, state, files)
             except _Failed as failed:
                 problem = self._describe(failed.path, failed.exc)
+            except MblError as exc:
+                problem = f"rank 0: {exc}"
         box = [problem]
         dist.broadcast_object_list(box, src=0)
         self._raise_if([box[0]], step, tmp)
@@ -527,10 +560,12 @@ class Checkpointer:
 
 
 class StopFlag:
-    """SIGUSR1/SIGTERM only set a flag; `should_stop` is collective (an all_reduce at the step boundary)
-    and also fires when env MBL_DEADLINE (unix time) is closer than the measured save time + margin."""
+    """SIGUSR1/SIGTERM only set a flag; `should_stop` is collective (an all_reduce at the step boundary, on
+    `device`: the engine's, as NCCL needs) and also fires when env MBL_DEADLINE (unix time) is closer than the
+    measured save time + margin."""
 
-    def __init__(self, margin: float | None = None):
+    def __init__(self, device=None, margin: float | None = None):
+        self.device = device if device is not None else torch.device("cpu")
         self.signal: int | None = None
         self.deadline = float(os.environ["MBL_DEADLINE"]) if os.environ.get("MBL_DEADLINE") else None
         self.margin = margin if margin is not None else float(os.environ.get("MBL_DEADLINE_MARGIN", "60"))
@@ -547,6 +582,6 @@ class StopFlag:
             needed = (save_seconds if save_seconds is not None else 30.0) + self.margin + step_seconds
             if self.deadline - time.time() < needed:
                 local, reason = 1, reason or f"time limit (MBL_DEADLINE in {self.deadline - time.time():.0f}s)"
-        flag = torch.tensor([local], dtype=torch.int32)
+        flag = torch.tensor([local], dtype=torch.int32, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item()), reason or "another rank"

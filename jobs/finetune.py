@@ -17,10 +17,14 @@ import numpy as np
 import torch.distributed as dist
 
 from jobs import data as D
+from jobs import devicecheck
+from jobs.loop import Loop
 from jobs.model import TASK_CLASSES, resolve_init, task_model
+from jobs.runtime import Context, accumulation, build_engine, finish, full_state_dict
 from jobs.tasks import Task, load_rows
-from jobs.train import BEST_DIR, Context, Loop, accumulation, build_engine, finish, full_state_dict
 from launcher import contract
+
+BEST_DIR = "best"  # the best model so far, a Hugging Face folder
 
 
 def load_splits(ctx: Context) -> dict:
@@ -83,7 +87,7 @@ def run_finetune(ctx: Context) -> int:
     best_dir = ctx.run_dir / BEST_DIR
 
     def evaluate(step: int):
-        m = task.evaluate(engine, eval_split, t.micro_batch_size, ctx.rank, ctx.world)
+        m = task.evaluate(engine, eval_split, t.micro_batch_size, ctx.rank, ctx.world, engine.device)
         value = m[metric]
         loop.state["metric"] = value
         ctx.record({"step": step, "split": eval_split, **m})
@@ -122,8 +126,9 @@ def run_finetune(ctx: Context) -> int:
         pre_summary = json.loads(pre.read_text())
         summary["pretrain"] = {k: pre_summary.get(k) for k in ("heldout_loss", "perplexity", "final_dir", "wall_seconds")}
     if "test" in task.features:
-        best = model_cls.from_pretrained(str(final))
-        summary["test"] = task.evaluate(best, "test", t.micro_batch_size, ctx.rank, ctx.world)
+        best = model_cls.from_pretrained(str(final)).to(ctx.device)
+        devicecheck.watch(best, ctx.device)
+        summary["test"] = task.evaluate(best, "test", t.micro_batch_size, ctx.rank, ctx.world, ctx.device)
         summary["test_baseline"] = task.baseline("test")
         ctx.record({"step": loop.state["step"], "split": "test", **summary["test"]})
         ctx.log("test: " + json.dumps(summary["test"]) + "; trivial baseline: " + json.dumps(summary["test_baseline"]))

@@ -12,8 +12,10 @@ import torch.distributed as dist
 
 from jobs import data as D
 from jobs.evaluate import perplexity
+from jobs.loop import Loop
 from jobs.model import export_mlm, pretrain_model
-from jobs.train import Context, Loop, accumulation, build_engine, finish, full_state_dict
+from jobs.device import to_device
+from jobs.runtime import Context, accumulation, build_engine, finish, full_state_dict, parameter_count
 from launcher import contract
 
 
@@ -35,18 +37,21 @@ def data_folder(ctx: Context):
 
 @torch.no_grad()
 def heldout_loss(engine, batcher: D.MLMBatcher, batches: int) -> float:
-    """Mean MLM loss over masked tokens of the same held-out rows and masks every time."""
+    """Mean MLM loss over masked tokens of the same held-out rows and masks every time. The sums stay on the
+    engine's device (the all_reduce needs them there under NCCL) and are read once, at the end."""
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss x masked tokens, masked tokens
     for i in range(batches):
         batch = batcher.batch(0, i)
         batch.pop("sop_labels", None)
-        n = int((batch["labels"] != -100).sum())
-        out = engine(**batch)
-        total += torch.tensor([float(out.loss) * n, n], dtype=torch.float64)
+        n = int((batch["labels"] != -100).sum())  # counted on the host, before the copy
+        out = engine(**to_device(batch, engine.device))
+        total[0] += out.loss.double() * n
+        total[1] += n
     engine.train()
     dist.all_reduce(total)
-    return float(total[0] / max(total[1], 1))
+    loss_sum, count = total.tolist()
+    return loss_sum / max(count, 1)
 
 
 def run_pretrain(ctx: Context) -> int:
@@ -69,10 +74,11 @@ def run_pretrain(ctx: Context) -> int:
                                 spec.data.mask_prob, sop=False, shuffle=False)
     loop = Loop(ctx, engine, total, accum, batcher.batch, batcher.global_batch * ix["seq_len"], greater_is_better=False)
     loop.batch_position = batcher.position
-    params = sum(p.numel() for p in model.parameters())
+    params = parameter_count(engine.module)
+    weights = str(next(engine.module.parameters()).dtype).removeprefix("torch.")
     ctx.log(f"pretrain: {params / 1e6:.2f}M parameters, {len(train)} train / {len(held)} held-out sequences, "
             f"{ctx.world} ranks x micro {spec.train.micro_batch_size} x accum {accum}, ZeRO {spec.distributed.zero_stage}, "
-            f"{spec.train.precision}, {total} steps")
+            f"{spec.train.precision} (weights {weights} on {engine.device}), {total} steps")
 
     def evaluate(step: int):
         loss = heldout_loss(engine, held_batcher, spec.train.eval_batches)

@@ -143,29 +143,35 @@ class Task:
     # ---- evaluation -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, model, split: str, micro: int, rank: int, world: int) -> dict:
-        """Metrics of `model` on a split; every rank takes part and gets the same result."""
+    def evaluate(self, model, split: str, micro: int, rank: int, world: int, device) -> dict:
+        """Metrics of `model` (on `device`) on a split; every rank takes part and gets the same result. Batches
+        are built on the host and moved to the device; each batch's outputs come back to the host as numpy."""
+        from jobs.device import to_device
+
         feats = self.features[split]
         per_rank = -(-len(feats) // world)
         mine = list(range(rank, len(feats), world))
         mine += [mine[0] if mine else 0] * (per_rank - len(mine))  # padding, dropped below
         was_training = model.training
         model.eval()
-        outputs, loss_sum, loss_n = [], 0.0, 0
+        outputs, loss_n = [], 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for start in range(0, per_rank, micro):
             idx = mine[start:start + micro]
-            out = model(**self.collate([feats[i] for i in idx]))
+            out = model(**to_device(self.collate([feats[i] for i in idx]), device))
             real = [j for j, i in enumerate(idx) if start + j < len(range(rank, len(feats), world))]
-            loss_sum, loss_n = loss_sum + float(out.loss) * len(real), loss_n + len(real)
-            for j in real:
-                if self.type == "question-answering":
-                    outputs.append((idx[j], out.start_logits[j].float().numpy(), out.end_logits[j].float().numpy()))
-                else:
-                    outputs.append((idx[j], out.logits[j].float().argmax(-1).numpy()))
+            loss_sum += out.loss.double() * len(real)
+            loss_n += len(real)
+            if self.type == "question-answering":
+                starts, ends = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
+                outputs += [(idx[j], starts[j], ends[j]) for j in real]
+            else:
+                preds = out.logits.float().argmax(-1).cpu().numpy()
+                outputs += [(idx[j], preds[j]) for j in real]
         if was_training:
             model.train()
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, (outputs, loss_sum, loss_n))
+        dist.all_gather_object(gathered, (outputs, loss_sum.item(), loss_n))
         merged = sorted((o for part in gathered for o in part[0]), key=lambda o: o[0])
         metrics = self.metrics(split, merged)
         metrics["loss"] = sum(p[1] for p in gathered) / max(1, sum(p[2] for p in gathered))

@@ -17,7 +17,7 @@ import click
 
 from launcher.errors import MblError, SpecError, UsageError
 
-CLUSTERS = ("local", "slurm", "k8s")
+from launcher.backends import BACKENDS as CLUSTERS
 
 
 class MblGroup(click.Group):
@@ -91,7 +91,7 @@ def _load(spec_path: str, sets: tuple[str, ...], namespace: str | None = None):
 
 
 def _backend(name: str, **opts: Any):
-    from launcher.backends.base import get_backend
+    from launcher.backends import get_backend
 
     accepted = {
         "local": {"detach", "force"},
@@ -197,13 +197,17 @@ def submit(spec_path: str, cluster: str | None, short: str | None, sets: tuple[s
     if dry_run and name != "k8s":
         click.echo(str(request), nl=False)
         return
+    registry = _registry()
+    if not dry_run:
+        from launcher.rundir import refuse_live_writer
+
+        refuse_live_writer(spec, registry, _backend)  # one writer per run directory
     if not no_quota_check and name != "local" and not dry_run:
         _quota_precheck(name, spec)
     ref = backend.submit(request)
     if dry_run:
         click.echo(f"server-side dry run accepted {spec.name} in namespace {spec.k8s.namespace}")
         return
-    registry = _registry()
     record = registry.add(ref, team=spec.team, kind=spec.kind, gpus=spec.total_gpus if name != "local" else 0)
     click.echo(f"submitted {spec.kind} {spec.name!r} to {name}: job {ref.job_id}, run dir {ref.run_dir}", err=True)
     if name != "local" or detach:
@@ -329,7 +333,7 @@ def status(job: str | None, output: str) -> None:
         registry, record, backend = _lookup(job)
         rows = [_row(record, backend, registry)]
     else:
-        from launcher.backends.base import get_backend
+        from launcher.backends import get_backend
 
         registry = _registry()
         backends: dict[str, Any] = {}
@@ -349,7 +353,7 @@ def status(job: str | None, output: str) -> None:
 @click.option("--limit", type=int, default=50, show_default=True)
 def list_(output: str, cluster: str | None, limit: int) -> None:
     """Submitted jobs, newest first, with their current state."""
-    from launcher.backends.base import get_backend
+    from launcher.backends import get_backend
 
     registry = _registry()
     backends: dict[str, Any] = {}
@@ -513,8 +517,9 @@ def quota_apply(policy_path: str, cluster: str, yes: bool) -> None:
 def quota_render(policy_path: str, k8s: bool) -> None:
     """ResourceQuota and Kueue ResourceFlavor / ClusterQueue / LocalQueue objects for POLICY."""
     from launcher import quota as q
+    from launcher.quota_k8s import k8s_yaml
 
-    click.echo(q.k8s_yaml(q.load_policy(policy_path)), nl=False)
+    click.echo(k8s_yaml(q.load_policy(policy_path)), nl=False)
 
 
 @quota.command("report")

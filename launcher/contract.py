@@ -4,7 +4,9 @@ The run directory on shared storage looks like this:
 
     <run_dir>/
       spec.yaml            the resolved spec the job runs (written by `mbl submit`)
-      logs/                one log per attempt (local: local-<n>.log; Slurm: attempt-<n>.log)
+      logs/                one log per attempt (local: local-<n>.log; Slurm: attempt-<n>.log), and
+                           outcome-<job>-<attempt>.<host>.json: how each node's attempt ended (launcher/outcomes.py)
+      lease/               the trainer's lease: which job writes here now (jobs/lease.py)
       data/                packed token shards when a pretrain prepares its own data
       checkpoints/step-NNNNNNNN/   complete checkpoints (a COMPLETE marker inside)
       latest               text file naming the newest complete checkpoint folder
@@ -40,5 +42,4 @@ LAUNCH_FAILED = 1  # failed for good: restarting would not help (bad input, no p
 # Run me again: the ranks saved on a signal, or a crash after progress with restarts left. 128 + SIGTERM,
 # because the training operator's ExitCode restart policy retries exit codes >= 128 only.
 LAUNCH_REQUEUE = 143
-OUTCOMES_FILE = "logs/outcomes.jsonl"  # one JSON line per attempt: outcome, reason, checkpoint steps
 LEASE_DIR = "lease"  # the trainer's lease: one writer per run directory (jobs/lease.py)

@@ -28,7 +28,9 @@ class SlurmProfile(Strict):
     partitions: list[Partition] = Field(default_factory=list)
     default_account: str | None = None
     default_qos: str | None = None
-    container_runtime: Literal["pyxis", "apptainer", "none"] = "pyxis"
+    container_runtime: Literal["pyxis", "apptainer", "oci", "none"] = Field(
+        "pyxis", description="pyxis/enroot, apptainer, oci (Slurm's own OCI containers: oci.conf + runc, "
+        "image: a bundle folder from images/bundle.sh), or none.")
     shared_root: str = Field("/shared", description="Shared storage mounted on every node (and into containers).")
     gpus_per_node_flag: bool | None = Field(
         None, description="Use --gpus-per-node (Slurm >= 19.05); unset decides by version, false uses --gres=gpu:N."

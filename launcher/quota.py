@@ -261,52 +261,6 @@ def slurm_apply(policy: QuotaPolicy, run: bool) -> list[str]:
     return done
 
 
-def k8s_objects(policy: QuotaPolicy) -> list[dict[str, Any]]:
-    """Per team: a ResourceQuota on requests.nvidia.com/gpu in the team's namespace, a Kueue ClusterQueue with
-    the team's nominal GPU quota and LocalQueues in the team's namespace; one shared ResourceFlavor."""
-    labels = {"app.kubernetes.io/part-of": "mbl", "app.kubernetes.io/managed-by": "mbl"}
-    objects: list[dict[str, Any]] = [{
-        "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "ResourceFlavor",
-        "metadata": {"name": "default-gpu", "labels": labels}, "spec": {},
-    }]
-    for name, team in sorted(policy.teams.items()):
-        team_labels = {**labels, "mbl.dev/team": name}
-        ns = team.namespace or name
-        objects.append({
-            "apiVersion": "v1", "kind": "ResourceQuota",
-            "metadata": {"name": f"gpu-quota-{name}", "namespace": ns, "labels": team_labels},
-            "spec": {"hard": {"requests.nvidia.com/gpu": str(team.gpus)}},
-        })
-        objects.append({
-            "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "ClusterQueue",
-            "metadata": {"name": f"team-{name}", "labels": team_labels},
-            "spec": {
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
-                "cohort": "mbl",
-                "queueingStrategy": "BestEffortFIFO",
-                "resourceGroups": [{
-                    "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
-                    "flavors": [{"name": "default-gpu", "resources": [
-                        {"name": "cpu", "nominalQuota": 100000},
-                        {"name": "memory", "nominalQuota": "100000Gi"},
-                        {"name": "nvidia.com/gpu", "nominalQuota": team.gpus, "borrowingLimit": 0},
-                    ]}],
-                }],
-            },
-        })
-        for queue in team.queues or [name]:
-            objects.append({
-                "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "LocalQueue",
-                "metadata": {"name": queue, "namespace": ns, "labels": team_labels},
-                "spec": {"clusterQueue": f"team-{name}"},
-            })
-    return objects
-
-
-def k8s_yaml(policy: QuotaPolicy) -> str:
-    return "".join("---\n" + yaml.safe_dump(obj, sort_keys=False) for obj in k8s_objects(policy))
-
-
 # ---- reports -------------------------------------------------------------------------------------
 
 

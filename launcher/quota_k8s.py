@@ -1,7 +1,13 @@
-"""Live GPU use per team on Kubernetes, for `mbl quota show --cluster k8s`.
+"""The Kubernetes side of team GPU quotas: the objects that enforce a policy (`mbl quota render --k8s`) and
+the live GPU use per team (`mbl quota show --cluster k8s`).
+
+`k8s_objects(policy)`: per team a ResourceQuota on `requests.nvidia.com/gpu` in the team's namespace, a Kueue
+ClusterQueue `team-<team>` (cohort `mbl`, nominal quota = the team's GPUs, no borrowing) and its
+LocalQueues; one shared ResourceFlavor. Kueue objects are `kueue.x-k8s.io/v1beta2`, the version Kueue v0.19
+stores (`v1beta1` is served only as deprecated; v1beta2 renamed the ClusterQueue's `cohort` to `cohortName`).
 
 `k8s_usage(policy)` reads, for each team of the policy, its namespace (`team.namespace or team`, as
-`launcher.quota.k8s_objects` renders it) and Kueue's ClusterQueue `team-<team>`. Which source gives which
+`k8s_objects` renders it) and Kueue's ClusterQueue `team-<team>`. Which source gives which
 number of the returned `K8sUsage` (a `launcher.quota.Usage`; `sources` says the same per team, `notes` says
 what was missing):
 
@@ -52,7 +58,11 @@ GPU = "nvidia.com/gpu"
 QUOTA_KEY = f"requests.{GPU}"
 TEAM_LABELS = (render.TEAM_LABEL, "mbl.dev/team")
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
-KUEUE = ("kueue.x-k8s.io", "v1beta1", "clusterqueues")
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"  # Kueue v0.19's storage version
+KUEUE_API_VERSION = f"{KUEUE_GROUP}/{KUEUE_VERSION}"
+KUEUE = (KUEUE_GROUP, KUEUE_VERSION, "clusterqueues")
+COHORT = "mbl"  # the teams' ClusterQueues share one cohort; borrowingLimit 0 keeps each to its own share
+FLAVOR = "default-gpu"
 PYTORCHJOBS = (render.PYTORCHJOB["group"], render.PYTORCHJOB["version"], render.PYTORCHJOB["plural"])
 DONE_PHASES = ("Succeeded", "Failed")
 
@@ -148,6 +158,58 @@ def _pick_quota(quotas: list[dict[str, Any]], team: str, exclusive: bool) -> dic
         return None
     gpu_quotas = [q for q in quotas if _quota_hard(q) is not None]
     return min(gpu_quotas, key=lambda q: _quota_hard(q) or 0) if gpu_quotas else None
+
+
+# ---- enforcing a policy -----------------------------------------------------------------------------
+
+
+def k8s_yaml(policy: QuotaPolicy) -> str:
+    """`mbl quota render --k8s`: k8s_objects as multi-document YAML."""
+    import yaml
+
+    return "".join("---\n" + yaml.safe_dump(obj, sort_keys=False) for obj in k8s_objects(policy))
+
+
+def k8s_objects(policy: QuotaPolicy) -> list[dict[str, Any]]:
+    """Per team: a ResourceQuota on requests.nvidia.com/gpu in the team's namespace, a Kueue ClusterQueue with
+    the team's nominal GPU quota and LocalQueues in the team's namespace; one shared ResourceFlavor."""
+    labels = {"app.kubernetes.io/part-of": "mbl", "app.kubernetes.io/managed-by": "mbl"}
+    objects: list[dict[str, Any]] = [{
+        "apiVersion": KUEUE_API_VERSION, "kind": "ResourceFlavor",
+        "metadata": {"name": FLAVOR, "labels": labels}, "spec": {},
+    }]
+    for name, team in sorted(policy.teams.items()):
+        team_labels = {**labels, "mbl.dev/team": name}
+        ns = team.namespace or name
+        objects.append({
+            "apiVersion": "v1", "kind": "ResourceQuota",
+            "metadata": {"name": f"gpu-quota-{name}", "namespace": ns, "labels": team_labels},
+            "spec": {"hard": {QUOTA_KEY: str(team.gpus)}},
+        })
+        objects.append({
+            "apiVersion": KUEUE_API_VERSION, "kind": "ClusterQueue",
+            "metadata": {"name": f"team-{name}", "labels": team_labels},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                "cohortName": COHORT,
+                "queueingStrategy": "BestEffortFIFO",
+                "resourceGroups": [{
+                    "coveredResources": ["cpu", "memory", GPU],
+                    "flavors": [{"name": FLAVOR, "resources": [
+                        {"name": "cpu", "nominalQuota": 100000},
+                        {"name": "memory", "nominalQuota": "100000Gi"},
+                        {"name": GPU, "nominalQuota": team.gpus, "borrowingLimit": 0},
+                    ]}],
+                }],
+            },
+        })
+        for queue in team.queues or [name]:
+            objects.append({
+                "apiVersion": KUEUE_API_VERSION, "kind": "LocalQueue",
+                "metadata": {"name": queue, "namespace": ns, "labels": team_labels},
+                "spec": {"clusterQueue": f"team-{name}"},
+            })
+    return objects
 
 
 # ---- reading the cluster ---------------------------------------------------------------------------

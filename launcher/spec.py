@@ -268,7 +268,7 @@ class SlurmSpec(Strict):
     exclusive: bool = Field(False, description="Whole nodes (--exclusive).")
     max_restarts: int = Field(3, ge=0, le=100, description="Requeues after preemption or failure before giving up.")
     signal_seconds: int = Field(300, ge=10, le=3600, description="Seconds of warning (SIGUSR1) before the time limit.")
-    container_runtime: Literal["pyxis", "apptainer", "none"] | None = Field(
+    container_runtime: Literal["pyxis", "apptainer", "oci", "none"] | None = Field(
         None, description="How to run the image; unset takes the profile's."
     )
     container_mounts: list[str] = Field(default_factory=list, description="Extra SRC:DST mounts into the container.")
@@ -430,12 +430,15 @@ class JobSpec(Strict):
         return self.distributed.world_size
 
     def resolved(self, base: Path | None = None) -> "JobSpec":
-        """A copy whose run directory is absolute (relative paths resolve against `base` or the CWD)."""
+        """A copy whose paths are absolute: the run directory, and the data, tokenizer and init_from paths
+        (launcher/paths.py); relative ones resolve against `base` (the submit directory) or the CWD."""
+        from launcher.paths import resolve_paths
+
         base = base or Path.cwd()
         run_dir = Path(self.run_dir)
         if not run_dir.is_absolute():
             run_dir = (base / run_dir).resolve()
-        data = self.model_dump(mode="json")
+        data = resolve_paths(self.model_dump(mode="json"), base)
         data["checkpoint"]["dir"] = str(run_dir)
         return JobSpec.model_validate(data)
 

@@ -65,8 +65,8 @@ def slurm(cluster: dict, *args: str) -> str:
                           timeout=30).stdout
 
 
-def submit(cluster: dict, tag: str, *sets: str) -> tuple[str, str, Path]:
-    name = f"t-{tag}-{uuid.uuid4().hex[:6]}"
+def submit(cluster: dict, tag: str, *sets: str, name: str | None = None) -> tuple[str, str, Path]:
+    name = name or f"t-{tag}-{uuid.uuid4().hex[:6]}"
     run_dir = cluster["work"] / "runs" / name
     args = [
         "submit", "--cluster", "slurm", "--profile", str(cluster["profile"]), str(ROOT / "examples" / "pretrain-tiny.yaml"),

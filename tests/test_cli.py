@@ -96,7 +96,7 @@ def test_render_local_prints_the_command_submit_runs():
     finally:
         os.chdir(cwd)
     assert first == f"# local: {request.command_line()}"
-    assert "torchrun --standalone --nnodes=1 --nproc-per-node=2 -m jobs.train --spec" in first
+    assert "python -m jobs.launch --spec " in first and " -- --standalone --nnodes=1 --nproc-per-node=2 " in first
 
 
 def test_render_refuses_multi_node_locally():
@@ -115,7 +115,7 @@ def test_render_output_dir(tmp_path):
 def test_submit_dry_run_writes_nothing(tmp_path):
     result = run("submit", "--dry-run", "--set", f"checkpoint.dir={tmp_path}/run", "examples/pretrain-tiny.yaml")
     assert result.exit_code == 0, result.output
-    assert "jobs.train" in result.output
+    assert "jobs.launch" in result.output
     assert not (tmp_path / "run").exists()
 
 

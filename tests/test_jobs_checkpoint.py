@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,8 +68,8 @@ def torchrun(spec: Path, nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-def job(spec: Path, logs: Path, env: dict | None = None, world: int = 2) -> tuple[list[int], list[str]]:
-    """The ranks as one job in a process group of its own; returns each rank's exit code and output."""
+def start(spec: Path, logs: Path, env: dict | None = None, world: int = 2) -> tuple[list, list[Path]]:
+    """The ranks as one job in a process group of its own; returns the processes and their log files."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -81,6 +83,12 @@ def job(spec: Path, logs: Path, env: dict | None = None, world: int = 2) -> tupl
             group = procs[0].pid if procs else 0  # a process group of their own: rank 0 leads it
             procs.append(subprocess.Popen([sys.executable, "-m", "jobs.train", "--spec", str(spec)], cwd=REPO,
                                           env=e, stdout=out, stderr=subprocess.STDOUT, process_group=group))
+    return procs, files
+
+
+def job(spec: Path, logs: Path, env: dict | None = None, world: int = 2) -> tuple[list[int], list[str]]:
+    """The ranks as one job in a process group of its own; returns each rank's exit code and output."""
+    procs, files = start(spec, logs, env, world)
     try:
         codes = [p.wait(timeout=300) for p in procs]
     finally:
@@ -161,6 +169,48 @@ def test_kill9_at_every_point_inside_a_save_resumes_from_a_complete_checkpoint(p
     names = sorted(p.name for p in (run / contract.CHECKPOINTS_DIR).iterdir() if p.is_dir())
     total = 2 * len(points) + 4
     assert names == [step_name(total - 2), step_name(total - 1)], names  # keep_last 2; leftovers cleaned up
+
+
+# ---- a slow save ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_slow_save_is_finished_after_sigterm(prepared, tmp_path):
+    """MBL_FAULT_SAVE_DELAY: rank 1 sleeps 6 s inside the save of step 2. SIGTERM to both ranks during that sleep
+    (what torchrun forwards) does not cut the save short: it completes on both ranks, they stop at that step
+    and exit 75, and `latest` names the checkpoint, which verifies."""
+    run = tmp_path / "run"
+    spec = write_spec(run, prepared, "train.max_steps=50", "checkpoint.every_steps=2")
+    procs, files = start(spec, tmp_path / "slow", env={"MBL_FAULT_SAVE_DELAY": "6@2", "MBL_FAULT_RANK": "1"})
+    try:
+        deadline = time.time() + 240
+        while "MBL_FAULT_SAVE_DELAY: rank 1 sleeps 6s inside the save of step 2" not in files[1].read_text():
+            alive = all(p.poll() is None for p in procs)
+            assert time.time() < deadline and alive, [f.read_text()[-3000:] for f in files]
+            time.sleep(0.1)
+        signalled = time.time()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+        waited = time.time() - signalled
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    outs = [f.read_text() for f in files]
+    assert codes == [contract.REQUEUE_EXIT_CODE] * 2, (codes, mbl_lines(outs[0]), outs[1][-3000:])
+    assert "MBL_FAULT_SAVE_DELAY: rank 1 goes on with the save of step 2" in outs[1]
+    saved = re.search(r"checkpoint step 2 saved in ([0-9.]+)s", outs[0])
+    assert saved and float(saved.group(1)) >= 6.0, mbl_lines(outs[0])
+    assert waited > 3.0  # the ranks were signalled inside the sleep, and kept saving
+    assert "stopping at step 2: signal SIGTERM" in outs[0], mbl_lines(outs[0])
+    assert latest(run) == "checkpoints/step-00000002" and checkpoints(run) == {2: None}
+
+
+def test_save_delay_is_checked(monkeypatch, tmp_path):
+    monkeypatch.setenv("MBL_FAULT_SAVE_DELAY", "soon")
+    with pytest.raises(ValueError, match=r"MBL_FAULT_SAVE_DELAY='soon': expected <seconds>\[@<step>\]"):
+        Checkpointer(tmp_path, None, 0, 1)
 
 
 # ---- a full disk --------------------------------------------------------------------------------------

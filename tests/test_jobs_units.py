@@ -108,7 +108,7 @@ def test_metrics():
 
 
 def test_schedules():
-    from jobs.train import lr_lambda
+    from jobs.runtime import lr_lambda
 
     def spec(schedule):
         s = tiny_spec(Path("/tmp/x"))

@@ -329,7 +329,7 @@ async def test_cancel_forbidden(kmock: Any) -> None:
 
 
 def test_backend_through_get_backend_accepts_cli_options() -> None:
-    from launcher.backends.base import get_backend
+    from launcher.backends import get_backend
 
     backend = get_backend("k8s", profile=None, kube_context="ctx", server_dry_run=True, force=False)
     assert isinstance(backend, K8sBackend) and backend.kube_context == "ctx" and backend.server_dry_run

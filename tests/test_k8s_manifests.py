@@ -1,4 +1,5 @@
-"""manifests/: a kustomize base that lists every file, builds, validates, and grants what the backend uses."""
+"""manifests/: kustomize bases that list every file, build, validate (custom kinds at their CRD's storage
+version, never a deprecated one: Kueue v1beta2, Trainer v2.3), and grant what the backend uses."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from test_k8s_render import example, validate_object
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "manifests"
+TRAINER = BASE / "trainer"  # a base of its own, for k8s.api: trainjob
+BASES = [BASE, TRAINER]
 
 
-def objects() -> list[dict[str, Any]]:
-    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+def objects(base: Path = BASE) -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
     out = []
     for name in kustomization["resources"]:
-        out += [d for d in yaml.safe_load_all((BASE / name).read_text()) if d]
+        out += [d for d in yaml.safe_load_all((base / name).read_text()) if d]
     return out
 
 
@@ -28,16 +31,34 @@ def by_kind(kind: str) -> dict[str, dict[str, Any]]:
     return {o["metadata"]["name"]: o for o in objects() if o["kind"] == kind}
 
 
-def test_kustomization_lists_every_file() -> None:
-    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+@pytest.mark.parametrize("base", BASES, ids=lambda b: b.name)
+def test_kustomization_lists_every_file(base: Path) -> None:
+    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
     assert kustomization["kind"] == "Kustomization"
-    files = sorted(p.name for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml")
+    files = sorted(p.name for p in base.glob("*.yaml") if p.name != "kustomization.yaml")
     assert sorted(kustomization["resources"]) == files
 
 
-@pytest.mark.parametrize("obj", objects(), ids=lambda o: f"{o['kind']}-{o['metadata']['name']}")
+def test_every_yaml_file_is_in_a_base() -> None:
+    listed = {b / name for b in BASES for name in yaml.safe_load((b / "kustomization.yaml").read_text())["resources"]}
+    files = {p for p in BASE.rglob("*.yaml") if p.name != "kustomization.yaml"}
+    assert files == listed
+
+
+@pytest.mark.parametrize("obj", [o for b in BASES for o in objects(b)],
+                         ids=lambda o: f"{o['kind']}-{o['metadata']['name']}")
 def test_every_object_validates(obj: dict[str, Any]) -> None:
     validate_object(obj)
+
+
+def test_cluster_queues_keep_kueues_own_rules() -> None:
+    """Two of the ClusterQueue CRD's CEL rules (x-kubernetes-validations), which jsonschema does not run."""
+    for name, cq in by_kind("ClusterQueue").items():
+        for group in cq["spec"]["resourceGroups"]:
+            for flavor in group["flavors"]:
+                assert len(flavor["resources"]) == len(group["coveredResources"]), name
+                if "cohortName" not in cq["spec"]:
+                    assert not any("borrowingLimit" in r for r in flavor["resources"]), name
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) not installed")
@@ -103,15 +124,14 @@ def test_namespace_enforces_restricted_pod_security() -> None:
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
-def test_trainer_runtime_job_template_validates() -> None:
-    """No ClusterTrainingRuntime CRD schema is at hand; its Job template is checked as a batch/v1 Job."""
-    trainer = BASE / "trainer"
-    kustomization = yaml.safe_load((trainer / "kustomization.yaml").read_text())
-    runtimes = [d for name in kustomization["resources"] for d in yaml.safe_load_all((trainer / name).read_text())]
-    (runtime,) = runtimes
+def test_trainer_runtime() -> None:
+    """The ClusterTrainingRuntime mbl's TrainJobs reference: valid for Trainer v2.3 (test_every_object_validates),
+    its Job template also valid as a strict batch/v1 Job, and the restart rule the launcher's exit codes need."""
+    (runtime,) = objects(TRAINER)
     from launcher.backends import k8s_render as render
 
     assert runtime["kind"] == "ClusterTrainingRuntime" and runtime["metadata"]["name"] == render.TRAINJOB_RUNTIME
+    assert runtime["spec"]["mlPolicy"] == {"numNodes": 1, "torch": {}}  # v2.3: numProcPerNode is the TrainJob's
     (replicated,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
     assert replicated["name"] == render.TRAINJOB_TARGET
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "mbl-torch-node", **replicated["template"]["metadata"]},

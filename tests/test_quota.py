@@ -111,7 +111,9 @@ def test_k8s_objects_validate(policy):
 
     crds = {"ResourceFlavor": "kueue.x-k8s.io_resourceflavors.yaml", "ClusterQueue": "kueue.x-k8s.io_clusterqueues.yaml",
             "LocalQueue": "kueue.x-k8s.io_localqueues.yaml"}
-    objects = list(yaml.safe_load_all(q.k8s_yaml(policy)))
+    from launcher.quota_k8s import k8s_yaml
+
+    objects = list(yaml.safe_load_all(k8s_yaml(policy)))
     kinds = [o["kind"] for o in objects]
     assert kinds.count("ResourceQuota") == 2 and kinds.count("ClusterQueue") == 2
     for obj in objects:

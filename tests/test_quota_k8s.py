@@ -1,8 +1,8 @@
 """Live team GPU use on Kubernetes (launcher.quota_k8s.k8s_usage) against kmock, and GPU-hours of k8s jobs
 from the registry (launcher.quota.registry_report_rows).
 
-The cluster holds what `mbl quota render` and `mbl submit --k8s` make (quota.k8s_objects, the rendered
-PyTorchJobs), with the status the controllers would give them. As in test_k8s_client.py, the server runs on
+The cluster holds what `mbl quota render` and `mbl submit --k8s` make (quota_k8s.k8s_objects: Kueue
+v1beta2; the rendered PyTorchJobs), with the status the controllers would give them. As in test_k8s_client.py, the server runs on
 the test's event loop, so every client call goes through asyncio.to_thread.
 """
 
@@ -18,17 +18,17 @@ import pytest
 from launcher.backends import k8s_render as render
 from launcher.backends.base import JobRef
 from launcher.errors import BackendError
-from launcher.quota import QuotaPolicy, aggregate, k8s_objects, registry_report_rows, show_rows
-from launcher.quota_k8s import K8sUsage, job_gpus, k8s_usage, pod_gpus
+from launcher.quota import QuotaPolicy, aggregate, registry_report_rows, show_rows
+from launcher.quota_k8s import K8sUsage, job_gpus, k8s_objects, k8s_usage, k8s_yaml, pod_gpus
 from test_k8s_client import status_body
-from test_k8s_render import PROFILE, example
+from test_k8s_render import PROFILE, example, validate_object
 
 kubernetes = pytest.importorskip("kubernetes")
 kmock_lib = pytest.importorskip("kmock")
 
 JOBS = "kubeflow.org/v1/pytorchjobs"
-CQS = "kueue.x-k8s.io/v1beta1/clusterqueues"
-CQ_PATH = "/apis/kueue.x-k8s.io/v1beta1/clusterqueues"
+CQS = "kueue.x-k8s.io/v1beta2/clusterqueues"
+CQ_PATH = "/apis/kueue.x-k8s.io/v1beta2/clusterqueues"
 
 POLICY = QuotaPolicy.model_validate({"teams": {"nlp": {"gpus": 32, "queues": ["nlp"]},
                                                "vision": {"gpus": 24}}})
@@ -124,6 +124,31 @@ def test_gpus_of_rendered_jobs_and_pods() -> None:
                                     {"resources": {"requests": {"nvidia.com/gpu": 1}}}],
                      "initContainers": [{"resources": {"limits": {"nvidia.com/gpu": "4"}}}]}) == 4
     assert pod_gpus({"containers": [{"name": "cpu-only"}]}) == 0
+
+
+def test_policy_objects_validate_at_kueues_storage_version() -> None:
+    """`mbl quota render --k8s`: ResourceQuotas strictly, Kueue objects against the v0.19 CRDs' v1beta2 (the
+    storage version; v1beta1 is deprecated there), plus the ClusterQueue CEL rule jsonschema cannot run."""
+    import yaml
+
+    text = k8s_yaml(POLICY)
+    objects = [o for o in yaml.safe_load_all(text) if o]
+    assert objects == k8s_objects(POLICY)
+    for obj in objects:
+        validate_object(obj)
+    kinds = {(o["apiVersion"], o["kind"]) for o in objects}
+    assert kinds == {("v1", "ResourceQuota"), ("kueue.x-k8s.io/v1beta2", "ResourceFlavor"),
+                     ("kueue.x-k8s.io/v1beta2", "ClusterQueue"), ("kueue.x-k8s.io/v1beta2", "LocalQueue")}
+    queues = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ClusterQueue"}
+    assert set(queues) == {"team-nlp", "team-vision"}
+    for cq in queues.values():
+        # "borrowingLimit must be nil when cohort is empty": v1beta2 names the field cohortName
+        assert cq["spec"]["cohortName"] == "mbl" and "cohort" not in cq["spec"]
+        (flavor,) = cq["spec"]["resourceGroups"][0]["flavors"]
+        assert len(flavor["resources"]) == len(cq["spec"]["resourceGroups"][0]["coveredResources"])
+    local = {(o["metadata"]["namespace"], o["metadata"]["name"]): o["spec"]["clusterQueue"] for o in objects
+             if o["kind"] == "LocalQueue"}
+    assert local == {("nlp", "nlp"): "team-nlp", ("vision", "vision"): "team-vision"}
 
 
 # ---- live use --------------------------------------------------------------------------------------

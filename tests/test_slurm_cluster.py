@@ -1,9 +1,10 @@
 """End to end on the real local Slurm cluster (slurm/dev/up.sh): submit, train across two nodes, preempt.
 
 Every test submits examples/pretrain-tiny.yaml with `mbl submit --cluster slurm` as 2 nodes x 1 rank
-(DeepSpeed on CPU, gloo) and the real trainer (jobs.train), then follows it with `mbl status/logs/list/
-cancel`. Preemptions: `scontrol requeue`, `scancel --signal=USR1 --batch`, and a rank killed with SIGKILL;
-each must checkpoint (or keep the last periodic checkpoint), requeue, resume and finish at the same step.
+(DeepSpeed on CPU, gloo) and the real trainer (jobs.launch -> torchrun -> jobs.train), then follows it with
+`mbl status/logs/list/cancel`. Preemptions: `scontrol requeue`, `scancel --signal=USR1 --batch` (with a
+60 s save), and a rank killed with SIGKILL; each must checkpoint (or keep the last periodic checkpoint),
+requeue, resume and finish at the same step. Bad input fails after one attempt.
 A requeued job pends about two minutes with reason BeginTime; the tests release it at once.
 
 Skipped when no cluster answers, except under scripts/test.sh (and so CI), which starts one and fails instead.
@@ -71,18 +72,35 @@ def test_scontrol_requeue_checkpoints_and_resumes(cluster: dict) -> None:
     assert resumed > EVERY, second[-2000:]
 
 
-def test_usr1_to_the_batch_shell_requeues(cluster: dict) -> None:
-    name, job_id, run_dir = submit(cluster, "usr1")
-    wait_for("a periodic checkpoint", lambda: last_step(run_dir) > EVERY + 5, 180, cluster, name)
+def test_usr1_with_a_60s_save_requeues_and_resumes(cluster: dict) -> None:
+    """The time-limit warning path: USR1 to the batch shell -> SIGTERM to the steps -> jobs.launch forwards it;
+    rank 0 takes 60 s to save (MBL_FAULT_SAVE_DELAY) and is not killed (torchrun waits save_grace_seconds,
+    not its default 30 s); the script requeues on jobs.launch's requeue code; the next attempt resumes."""
+    name, job_id, run_dir = submit(cluster, "usr1", f"checkpoint.every_steps={STEPS}", "env.MBL_FAULT_SAVE_DELAY=60")
+    wait_for("training steps", lambda: last_step(run_dir) >= 10, 180, cluster, name)
     slurm(cluster, "scancel", "--signal=USR1", "--batch", job_id)
-    release_requeued(cluster, job_id)
+    release_requeued(cluster, job_id, timeout=180)
     first = (run_dir / "logs" / "attempt-0.log").read_text()
-    assert "mbl: SIGUSR1" in first and "mbl: requeueing: restart 1" in first, first[-3000:]
+    assert "mbl: SIGUSR1" in first and "mbl: requeueing (restart 1)" in first, first[-3000:]
+    assert "sleeps 60s inside the save" in first and "goes on with the save" in first, first[-3000:]
+    assert "requeue (exit 143): SIGTERM" in first, first[-3000:]
     assert_resumed_and_finished(cluster, name, run_dir)
-    # The trainer saved on the signal, past the last periodic checkpoint, and resumed from there.
+    # The trainer saved on the signal (there is no periodic checkpoint before the end) and resumed there.
     second = (run_dir / "logs" / "attempt-1.log").read_text()
     resumed = int(second.split("resumed from checkpoints/step-")[1].split()[0].lstrip("0") or 0)
-    assert resumed > EVERY, second[-2000:]
+    assert resumed >= 10, second[-2000:]
+
+
+def test_missing_data_fails_after_one_attempt(cluster: dict) -> None:
+    """Bad input is failed for good: no requeue, and `mbl status` says why."""
+    name, job_id, run_dir = submit(cluster, "bad", f"data.train=[{cluster['work']}/no-such-corpus.txt]")
+    final = wait_done(cluster, name)
+    assert final["state"] == "FAILED", final
+    assert "bad input" in final["reason"], final
+    assert not (run_dir / "logs" / "attempt-1.log").exists()
+    log = (run_dir / "logs" / "attempt-0.log").read_text()
+    assert "no-such-corpus.txt" in log and "mbl: failed for good" in log, log[-3000:]
+    assert " Restarts=0 " in slurm(cluster, "scontrol", "show", "job", "-o", job_id)
 
 
 def _rank_pids(run_dir: Path) -> list[int]:
@@ -108,7 +126,9 @@ def test_killed_rank_requeues_and_resumes(cluster: dict) -> None:
     os.kill(pids[-1], signal.SIGKILL)
     release_requeued(cluster, job_id)
     first = (run_dir / "logs" / "attempt-0.log").read_text()
-    assert "mbl: requeueing: restart 1" in first, first[-3000:]
+    # a crash after progress, with slurm.max_restarts left: jobs.launch says requeue
+    assert "requeue (exit 143): failed (rank" in first and "killed by SIGKILL" in first, first[-3000:]
+    assert "mbl: requeueing (restart 1)" in first, first[-3000:]
     assert_resumed_and_finished(cluster, name, run_dir)
 
 
@@ -117,6 +137,11 @@ def test_cancel_and_status_of_a_pending_job(cluster: dict) -> None:
     name, job_id, run_dir = submit(cluster, "cancel", "slurm.sbatch_args.hold=")
     st = wait_for("the held job in squeue", lambda: (s := status(cluster, name))["state"] == "PENDING" and s, 30)
     assert "held by its user" in st["reason"], st
+    # one writer per run directory: the same spec again is refused while this job pends
+    with pytest.raises(AssertionError) as refused:
+        submit(cluster, "cancel", "slurm.sbatch_args.hold=", name=name)
+    assert "exited 2" in str(refused.value) and f"still PENDING: {name}" in str(refused.value)
+    assert f"mbl cancel {name}" in str(refused.value)
     out = mbl(cluster, "cancel", name).stdout
     assert f"cancelled {name}" in out
     st = wait_for("CANCELLED", lambda: (s := status(cluster, name))["state"] == "CANCELLED" and s, 60)

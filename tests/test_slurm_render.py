@@ -1,4 +1,5 @@
-"""The sbatch script: golden files per example x container runtime x node count, structure, quoting, secrets.
+"""The sbatch script: a golden file per example, structural asserts per container runtime x node count,
+quoting, secrets.
 
 Regenerate the golden files on purpose only: MBL_UPDATE_GOLDEN=1 pytest tests/test_slurm_render.py
 """
@@ -76,16 +77,24 @@ def shell_checks(script: str, tmp_path: Path, exclude: str = "") -> None:
         assert proc.returncode == 0, proc.stdout
 
 
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.stem for e in EXAMPLES])
+def test_golden(example: Path, tmp_path: Path) -> None:
+    """One golden file per example, as the example is (2 nodes, the profile's runtime pyxis)."""
+    spec = variant(example, "pyxis", 2)
+    script = backend().dryrun(spec).files[SCRIPT_FILE]
+    check_golden(f"slurm/{example.stem}.sbatch", script)
+    shell_checks(script, tmp_path)
+
+
 CASES = [(e, r, n) for e in EXAMPLES for r in RUNTIMES for n in NODES]
 
 
 @pytest.mark.parametrize("example,runtime,nodes", CASES,
                          ids=[f"{e.stem}-{r}-{n}n" for e, r, n in CASES])
-def test_golden(example: Path, runtime: str, nodes: int, tmp_path: Path) -> None:
+def test_structure(example: Path, runtime: str, nodes: int, tmp_path: Path) -> None:
     spec = variant(example, runtime, nodes)
     request = backend().dryrun(spec)
     script = request.files[SCRIPT_FILE]
-    check_golden(f"slurm/{example.stem}-{runtime}-{nodes}n.sbatch", script)
     shell_checks(script, tmp_path)
     opts = sbatch_options(spec, backend().profile.slurm)
     assert opts["nodes"] == str(nodes) and opts["ntasks-per-node"] == "1"
@@ -95,6 +104,11 @@ def test_golden(example: Path, runtime: str, nodes: int, tmp_path: Path) -> None
     assert "--kill-on-bad-exit=1" in script
     assert ("--container-image=" in script) == (runtime == "pyxis")
     assert ("apptainer exec --nv" in script) == (runtime == "apptainer")
+    # the one launch command of every backend, with the spec's save window
+    assert f"python -m jobs.launch --spec {spec.run_dir}/spec.yaml -- " in " ".join(
+        line.strip().rstrip("\\").strip() for line in script.splitlines())
+    assert f"--shutdown-timeout={spec.checkpoint.save_grace_seconds}" in script
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in script
     assert request.command == ["sbatch", "--parsable", f"{spec.run_dir}/{SCRIPT_FILE}"]
 
 
@@ -210,7 +224,8 @@ def test_dryrun_is_pure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(subprocess, "run", refuse)
     monkeypatch.setattr(subprocess, "Popen", refuse)
-    spec = load_spec(ROOT / "examples" / "pretrain.yaml", [f"checkpoint.dir={tmp_path}/runs/{{name}}"])
+    spec = load_spec(ROOT / "examples" / "pretrain.yaml", [f"checkpoint.dir={tmp_path}/runs/{{name}}",
+                                                           f"data.prepared={tmp_path}/data/web"])
     before = spec.model_dump()
     backend(shared_root=str(tmp_path)).dryrun(spec.resolved())
     assert spec.model_dump() == before

@@ -110,25 +110,3 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def cancel(self, ref: JobRef) -> bool:
         """Ask the job to stop; False if it had already finished. May update `ref.extra`."""
-
-
-def get_backend(name: str, **options: object) -> Backend:
-    """The backend for `--cluster NAME`. Imports lazily: the Kubernetes client only when it is used."""
-    if name == "local":
-        from launcher.backends.local import LocalBackend
-
-        return LocalBackend(**options)  # type: ignore[arg-type]
-    if name == "slurm":
-        from launcher.backends.slurm import SlurmBackend
-
-        return SlurmBackend(**options)  # type: ignore[arg-type]
-    if name == "k8s":
-        from launcher.backends.k8s import K8sBackend
-
-        return K8sBackend(**options)  # type: ignore[arg-type]
-    from launcher.errors import UsageError
-
-    raise UsageError(f"unknown cluster {name!r}", hint="use --cluster local, --cluster slurm or --cluster k8s")
-
-
-BACKENDS = ("local", "slurm", "k8s")

@@ -26,7 +26,9 @@ TIMEOUT = (10, 60)  # (connect, read) seconds for every call but a followed log
 TRAINING_OPERATOR_INSTALL = (
     'kubectl apply --server-side -k "github.com/kubeflow/training-operator.git/manifests/overlays/standalone?ref=v1.9.0"'
 )
-TRAINER_INSTALL = "install Kubeflow Trainer (https://www.kubeflow.org/docs/components/trainer/) and apply manifests/trainer/"
+TRAINER_INSTALL = (
+    "install Kubeflow Trainer v2.3 (https://www.kubeflow.org/docs/components/trainer/) and apply manifests/trainer/"
+)
 
 # ---- job state, table-driven -------------------------------------------------------------------------
 
@@ -88,6 +90,16 @@ def pod_problem(pod: dict[str, Any]) -> str:
         if waiting.get("reason"):
             words = POD_REASONS.get(waiting["reason"], waiting["reason"])
             return f"{words}: {waiting['message']}" if waiting.get("message") else words
+    return ""
+
+
+def termination_message(pod: dict[str, Any]) -> str:
+    """The trainer container's last termination message: jobs.launch's outcome and reason."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        for key in ("state", "lastState"):
+            terminated = (cs.get(key) or {}).get("terminated") or {}
+            if terminated.get("message"):
+                return str(terminated["message"]).strip().splitlines()[-1]
     return ""
 
 
@@ -404,6 +416,10 @@ class K8sBackend(Backend):
         if state is JobState.UNKNOWN and not status:
             state, ctype = JobState.PENDING, "Created"
         if state.finished:
+            if state is JobState.FAILED:  # what jobs.launch said, from the pods' termination messages
+                said = [m for pod in self._pods(ref) if (m := termination_message(pod))]
+                if said:
+                    return JobStatus(state, reason="; ".join(dict.fromkeys(said)), detail=message)
             return JobStatus(state, reason=message)
         if ctype == "Suspended":
             queue = ref.extra.get("queue") or ((job.get("metadata") or {}).get("labels") or {}).get(render.QUEUE_LABEL)

@@ -3,15 +3,18 @@
 No network, no clock, no subprocess, no `import kubernetes`: `mbl render --k8s` works on a laptop and
 prints exactly what `submit` sends. Two objects per job:
 
-- a ConfigMap `<name>-spec` holding the resolved spec (`spec.yaml`) and the launch wrapper (`launch.py`),
+- a ConfigMap `<name>-spec` holding the resolved spec (`spec.yaml`),
   mounted read-only at /etc/mbl;
 - the job: a kubeflow.org/v1 PyTorchJob (training-operator v1.9; Master = node 0, Workers = nodes 1..N-1),
-  or with `k8s.api: trainjob` a Kubeflow Trainer TrainJob (trainer.kubeflow.org/v1alpha1).
+  or with `k8s.api: trainjob` a Kubeflow Trainer v2.3 TrainJob (trainer.kubeflow.org/v1alpha1).
 
-Why a launch wrapper: torchrun exits 1 whenever a worker fails, whatever the worker's exit code, and the
-training operator's `restartPolicy: ExitCode` restarts a pod only for exit codes >= 128 (1-127 fail the
-job for good). The wrapper runs torchrun in-process and turns the trainer's "requeue me" code (75) and a
-SIGTERM from Kubernetes (eviction, preemption, deadline) into 143, which the operator retries.
+Every path the job reads or writes must be one the pod sees, under `k8s.mount_path` (launcher/paths.py).
+
+Each pod runs `python -m jobs.launch` (the one launch command of every backend, launcher/torchrun.py):
+torchrun reads the operator's PET_* variables, and jobs.launch exits 0 (done), 143 (requeue: the ranks saved
+on a SIGTERM from Kubernetes, or a crash after progress with k8s.max_restarts left), which the operator's
+`restartPolicy: ExitCode` retries as >= 128, or 1 (failed for good), which it does not. The reason is the
+container's termination message.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from typing import Any
 
 import yaml
 
-from launcher.contract import REQUEUE_EXIT_CODE, SPEC_FILE
+from launcher.contract import LAUNCH_REQUEUE, SPEC_FILE
 from launcher.errors import UsageError
+from launcher.paths import check_k8s
 from launcher.profile import GpuType, K8sProfile
 from launcher.spec import JobSpec
+from launcher.torchrun import launch_command
 
 # ---- constants other code (status, logs, tests, docs) relies on ----------------------------------
 
@@ -36,14 +41,12 @@ CONTAINER = "pytorch"  # the training operator requires a container of this name
 TRAINJOB_CONTAINER = "node"  # the trainer container of Kubeflow Trainer's torch runtimes
 TRAINJOB_TARGET = "node"  # the replicated job of those runtimes that runs the trainer
 TRAINJOB_RUNTIME = "mbl-torch"  # ClusterTrainingRuntime shipped in manifests/trainer/ (see docs/kubernetes.md)
+RUNTIME_PATCH_MANAGER = "mbl/launcher"  # owner of the TrainJob's runtimePatches entry
 SPEC_DIR = "/etc/mbl"
 SPEC_PATH = f"{SPEC_DIR}/{SPEC_FILE}"
-LAUNCH_FILE = "launch.py"
 MASTER_PORT = 23456  # the operator's default port name/number, written out so that the render is stable
-RETRYABLE_EXIT_CODE = 143  # 128 + SIGTERM: the operator's ExitCode policy restarts the pod
+RETRYABLE_EXIT_CODE = LAUNCH_REQUEUE  # >= 128: the operator's ExitCode policy restarts the pod
 RUN_AS_USER = 1000
-# Seconds torchrun leaves its workers between SIGTERM and SIGKILL; the rest of the grace period is slack.
-SHUTDOWN_SLACK_SECONDS = 30
 
 LABEL_PREFIX = "mbl"
 TEAM_LABEL = f"{LABEL_PREFIX}/team"
@@ -52,43 +55,6 @@ FINGERPRINT_ANNOTATION = f"{LABEL_PREFIX}/training-fingerprint"
 KIND_ANNOTATION = f"{LABEL_PREFIX}/kind"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
-# The launch wrapper shipped in the ConfigMap; `python /etc/mbl/launch.py ARGS` is `torchrun ARGS`.
-LAUNCH_PY = f'''"""torchrun for Kubernetes, rendered by mbl (docs/kubernetes.md): same arguments, mapped exit code.
-
-torchrun exits 1 when any worker fails, whatever its exit code. The training operator's ExitCode restart
-policy retries a pod only on exit codes >= 128. So the trainer's "requeue me" ({REQUEUE_EXIT_CODE}) from a
-worker, and a SIGTERM sent to this pod (eviction, preemption, deadline), exit {RETRYABLE_EXIT_CODE}; any
-other failure exits 1.
-"""
-import sys
-
-from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import parse_args, run
-
-REQUEUE, RETRYABLE = {REQUEUE_EXIT_CODE}, {RETRYABLE_EXIT_CODE}
-
-
-def main() -> int:
-    args = parse_args(sys.argv[1:])
-    try:
-        run(args)
-    except ChildFailedError as exc:
-        codes = sorted({{f.exitcode for f in exc.failures.values()}})
-        requeue = REQUEUE in codes and all(c == REQUEUE or c < 0 for c in codes)
-        print(f"mbl launch: workers exited with {{codes}}; "
-              + ("requeue (exit %d)" % RETRYABLE if requeue else "failed (exit 1)"), file=sys.stderr, flush=True)
-        return RETRYABLE if requeue else 1
-    except SignalException as exc:
-        print(f"mbl launch: {{exc.sigval.name}} received; workers saved and stopped (exit %d)" % RETRYABLE,
-              file=sys.stderr, flush=True)
-        return RETRYABLE
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-'''
 
 _MEMORY = re.compile(r"^(\d+)([KMGT])$")
 
@@ -154,13 +120,12 @@ def gpu_type(spec: JobSpec, profile: K8sProfile) -> GpuType:
 
 def container_env(spec: JobSpec) -> list[dict[str, Any]]:
     """Plain variables, then secrets, always by reference (secretKeyRef), never by value."""
-    grace = spec.k8s.termination_grace_seconds
     env: list[dict[str, Any]] = [
         {"name": "MBL_JOB_NAME", "value": spec.name},
         {"name": "MBL_RUN_DIR", "value": spec.run_dir},
         {"name": "MBL_BACKEND", "value": "k8s"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(max(grace - SHUTDOWN_SLACK_SECONDS, 10))},
+        {"name": "MBL_JOB_ID", "value": f"k8s:{spec.k8s.namespace}/{spec.name}"},
     ]
     taken = {e["name"] for e in env}
     for key, value in sorted(spec.env.items()):
@@ -243,13 +208,8 @@ def tolerations(spec: JobSpec, gpu: GpuType) -> list[dict[str, Any]]:
 
 
 def trainer_command(spec: JobSpec) -> list[str]:
-    """torchrun (through the wrapper) on the operator's PET_* variables: PET_NNODES, PET_NODE_RANK,
-    PET_MASTER_ADDR and PET_MASTER_PORT are read by torchrun itself; the process count is written out."""
-    return [
-        "python", f"{SPEC_DIR}/{LAUNCH_FILE}",
-        f"--nproc-per-node={spec.distributed.gpus_per_node}",
-        "-m", "jobs.train", "--spec", SPEC_PATH,
-    ]
+    """jobs.launch; torchrun reads the operator's PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT."""
+    return launch_command(spec, SPEC_PATH, [])
 
 
 def check_spec(spec: JobSpec) -> None:
@@ -257,13 +217,7 @@ def check_spec(spec: JobSpec) -> None:
     if not spec.image:
         raise UsageError("Kubernetes runs a container image; the spec has no `image`",
                          hint="set image: REGISTRY/mbl-trainer:TAG (built from images/Dockerfile)")
-    mount = spec.k8s.mount_path.rstrip("/") or "/"
-    run_dir = spec.run_dir
-    if not (run_dir == mount or run_dir.startswith(mount + "/")):
-        raise UsageError(
-            f"checkpoint.dir resolves to {run_dir}, which is not on the shared volume mounted at {mount}",
-            hint=f"set checkpoint.dir: {mount}/runs/{{name}} (a path as the container sees it)",
-        )
+    check_k8s(spec)  # every path the job reads or writes: absolute, on the PVC at k8s.mount_path
 
 
 # ---- the objects -------------------------------------------------------------------------------
@@ -274,7 +228,7 @@ def configmap(spec: JobSpec) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(spec, spec_configmap_name(spec.name)),
-        "data": {SPEC_FILE: spec.to_yaml(), LAUNCH_FILE: LAUNCH_PY},
+        "data": {SPEC_FILE: spec.to_yaml()},
     }
 
 
@@ -284,6 +238,8 @@ def container(spec: JobSpec, gpu: GpuType, name: str = CONTAINER) -> dict[str, A
         "image": spec.image,
         "imagePullPolicy": "IfNotPresent",
         "command": trainer_command(spec),
+        # jobs.launch writes its outcome there; on a crash without one, the log's tail stands in
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "env": container_env(spec),
         "ports": [{"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"}],
         "resources": container_resources(spec, gpu),
@@ -347,24 +303,60 @@ def pytorchjob(spec: JobSpec, gpu: GpuType) -> dict[str, Any]:
     }
 
 
-def trainjob(spec: JobSpec, gpu: GpuType) -> dict[str, Any]:
-    """The same job for Kubeflow Trainer. What a TrainJob cannot say (security context, grace period,
-    priority class, pull secrets, restart policy, deadline) comes from the `mbl-torch` runtime."""
+def trainjob_pod_patch(spec: JobSpec, gpu: GpuType) -> dict[str, Any]:
+    """What the TrainJob patches into the pods of the runtime's replicated job `node`: the PyTorchJob pod
+    template's settings that Kubeflow Trainer v2.3 lets a runtime patch carry (its schema allows
+    serviceAccountName, securityContext, terminationGracePeriodSeconds, imagePullSecrets, volumes,
+    nodeSelector, tolerations, and per container env, securityContext and volumeMounts)."""
     ctr = container(spec, gpu, TRAINJOB_CONTAINER)
-    override: dict[str, Any] = {
-        "targetJobs": [{"name": TRAINJOB_TARGET}],
+    pod: dict[str, Any] = {
         "serviceAccountName": spec.k8s.service_account,
+        "terminationGracePeriodSeconds": spec.k8s.termination_grace_seconds,
+        "securityContext": pod_security_context(),
         "volumes": volumes(spec),
-        "containers": [{"name": TRAINJOB_CONTAINER, "volumeMounts": ctr["volumeMounts"]}],
+        "containers": [{
+            "name": TRAINJOB_CONTAINER,
+            "securityContext": ctr["securityContext"],
+            "volumeMounts": ctr["volumeMounts"],
+        }],
     }
+    if spec.k8s.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s} for s in spec.k8s.image_pull_secrets]
     if node_selector(spec, gpu):
-        override["nodeSelector"] = node_selector(spec, gpu)
+        pod["nodeSelector"] = node_selector(spec, gpu)
     if tolerations(spec, gpu):
-        override["tolerations"] = tolerations(spec, gpu)
+        pod["tolerations"] = tolerations(spec, gpu)
+    return pod
+
+
+def trainjob(spec: JobSpec, gpu: GpuType) -> dict[str, Any]:
+    """The same job for Kubeflow Trainer v2.3 (trainer.kubeflow.org/v1alpha1, the CRD's storage version).
+
+    `spec.trainer` carries image, command, env, nodes, processes per node and resources; one entry of
+    `spec.runtimePatches` (manager `mbl/launcher`) puts the labels and annotations on the JobSet and the pods
+    and sets the pods' service account, security contexts, grace period, pull secrets, volumes, mounts,
+    node selector and tolerations. What a v2.3 TrainJob cannot say comes from the `mbl-torch` runtime
+    (manifests/trainer/): the restart rule (a Job podFailurePolicy), backoffLimit, no service account token,
+    no service links. `k8s.priority_class` has no place in a TrainJob (docs/kubernetes.md)."""
+    ctr = container(spec, gpu, TRAINJOB_CONTAINER)
+    patch = {
+        "manager": RUNTIME_PATCH_MANAGER,
+        "trainingRuntimeSpec": {"template": {
+            "metadata": {"labels": labels(spec), "annotations": annotations(spec)},
+            "spec": {"replicatedJobs": [{
+                "name": TRAINJOB_TARGET,
+                "template": {"spec": {"template": {
+                    "metadata": {
+                        "labels": labels(spec),
+                        "annotations": {"kubectl.kubernetes.io/default-container": TRAINJOB_CONTAINER},
+                    },
+                    "spec": trainjob_pod_patch(spec, gpu),
+                }}},
+            }]},
+        }},
+    }
     body: dict[str, Any] = {
         "runtimeRef": {"apiGroup": TRAINJOB["group"], "kind": "ClusterTrainingRuntime", "name": TRAINJOB_RUNTIME},
-        "labels": labels(spec),
-        "annotations": annotations(spec),
         "trainer": {
             "image": ctr["image"],
             "command": ctr["command"],
@@ -373,10 +365,11 @@ def trainjob(spec: JobSpec, gpu: GpuType) -> dict[str, Any]:
             "numProcPerNode": spec.distributed.gpus_per_node,
             "resourcesPerNode": ctr["resources"],
         },
-        "podSpecOverrides": [override],
+        "runtimePatches": [patch],
+        "activeDeadlineSeconds": spec.resources.time_limit_seconds,
     }
     if spec.k8s.queue:
-        body["suspend"] = True
+        body["suspend"] = True  # Kueue admits (unsuspends) it when the team's quota allows
     return {
         "apiVersion": f"{TRAINJOB['group']}/{TRAINJOB['version']}",
         "kind": TRAINJOB["kind"],

@@ -16,22 +16,11 @@ from pathlib import Path
 from typing import Iterator
 
 from launcher.backends.base import Backend, JobRef, JobState, JobStatus, Request
-from launcher.contract import DONE_FILE, LOGS_DIR, REQUEUE_EXIT_CODE, SPEC_FILE
+from launcher.contract import DONE_FILE, LAUNCH_REQUEUE, LOGS_DIR, SPEC_FILE
 from launcher.errors import BackendError, UsageError
 from launcher.spec import JobSpec
-
-
-def trainer_command(spec: JobSpec, nproc: int, extra: list[str] | None = None) -> list[str]:
-    """The in-job command every backend starts through torchrun (rendezvous flags come in `extra`)."""
-    return [
-        "torchrun",
-        *(extra or []),
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "jobs.train",
-        "--spec",
-        f"{spec.run_dir}/{SPEC_FILE}",
-    ]
+from launcher.outcomes import last_outcome
+from launcher.torchrun import launch_command
 
 
 class LocalBackend(Backend):
@@ -50,8 +39,8 @@ class LocalBackend(Backend):
                 f"the local backend runs one node, the spec asks for distributed.nodes={spec.distributed.nodes}",
                 hint="add --set distributed.nodes=1, or submit with --cluster slurm / --k8s",
             )
-        env = {"MBL_JOB_NAME": spec.name, "MBL_RUN_DIR": spec.run_dir, **spec.env}
-        command = trainer_command(spec, spec.distributed.gpus_per_node, ["--standalone", "--nnodes=1"])
+        env = {"MBL_JOB_NAME": spec.name, "MBL_RUN_DIR": spec.run_dir, "MBL_BACKEND": self.name, **spec.env}
+        command = launch_command(spec, f"{spec.run_dir}/{SPEC_FILE}", ["--standalone", "--nnodes=1"])
         return Request(self.name, spec, command, files={SPEC_FILE: spec.to_yaml()}, env=env)
 
     # ---- acting -------------------------------------------------------------------------------
@@ -69,6 +58,7 @@ class LocalBackend(Backend):
         env = dict(os.environ)
         env.update(request.env)
         env.update(self._secret_env(spec))
+        env["MBL_ATTEMPT"] = str(attempt)
         # The torchrun of this Python environment, whatever PATH says.
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         # The job imports `jobs` and `launcher` from wherever this launcher runs from.
@@ -122,9 +112,11 @@ class LocalBackend(Backend):
                 return JobStatus(JobState.CANCELLED, detail=f"exit code {rc}")
             if rc == 0:
                 return JobStatus(JobState.COMPLETED)
-            if rc == REQUEUE_EXIT_CODE:
-                return JobStatus(JobState.PREEMPTED, reason="saved a checkpoint on a signal; submit again to resume")
-            return JobStatus(JobState.FAILED, detail=f"exit code {rc}; see `mbl logs {ref.name}`")
+            outcome = last_outcome(ref.run_dir)
+            if rc == LAUNCH_REQUEUE:
+                return JobStatus(JobState.PREEMPTED, reason=outcome or "stopped to be requeued",
+                                 detail="submit the same spec again to resume")
+            return JobStatus(JobState.FAILED, reason=outcome, detail=f"exit code {rc}; see `mbl logs {ref.name}`")
         if self._alive(pid):
             return JobStatus(JobState.RUNNING, detail=f"pid {pid}")
         if (Path(ref.run_dir) / DONE_FILE).exists():

@@ -23,6 +23,7 @@ from launcher.backends.base import Backend, JobRef, JobState, JobStatus, Request
 from launcher.backends.slurm_render import SCRIPT_FILE, script
 from launcher.contract import DONE_FILE, LOGS_DIR, SPEC_FILE
 from launcher.errors import BackendError
+from launcher.outcomes import last_outcome
 from launcher.spec import JobSpec
 
 # Slurm job states (squeue %T and sacct State, long names) -> JobState. Anything else is UNKNOWN.
@@ -263,7 +264,10 @@ class SlurmBackend(Backend):
                 return status
         acct = self.sacct(ref)
         if acct is not None:
-            return status_from_sacct(acct)
+            status = status_from_sacct(acct)
+            if status.state in (JobState.FAILED, JobState.TIMEOUT) and not status.reason:
+                status.reason = last_outcome(ref.run_dir)  # what jobs.launch said; the run dir is shared
+            return status
         if row is not None:
             return status_from_squeue(row)
         if (Path(ref.run_dir) / DONE_FILE).exists():

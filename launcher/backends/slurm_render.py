@@ -11,15 +11,18 @@ What the script does, attempt after attempt (Slurm requeues keep the job id):
 1. appends everything to `<run_dir>/logs/attempt-<SLURM_RESTART_COUNT>.log` (`--open-mode=append` keeps
    the `--output` file of earlier attempts; `%r` is no filename pattern, hence the `exec`);
 2. runs the setup lines (profile, then spec), exports `env` and reads `secrets` from their files;
-3. starts one `torchrun` per node with `srun --kill-on-bad-exit=1` and a c10d rendezvous on the first
-   node, at a port derived from the job id and the attempt;
+3. starts `python -m jobs.launch` (torchrun, see launcher/torchrun.py) once per node with `srun
+   --kill-on-bad-exit=1` and a c10d rendezvous on the first node, at a port derived from the job id and
+   the attempt;
 4. traps USR1 (`--signal=B:USR1@N`, or `scancel --signal=USR1 --batch`) and TERM and sends SIGTERM to
    the job's steps with `scancel --signal=TERM JOBID` (not to srun, which would end the step and kill the
-   ranks): torchrun dies on SIGUSR1 but forwards SIGTERM to the ranks, which save and exit 75;
-5. after the step: DONE -> exit 0. A stop by SIGTERM -> exit (Slurm is cancelling, requeueing or
-   preempting this attempt and decides what follows; a requeue from here would undo an `scancel`).
-   Otherwise (USR1, a failed step, a killed rank) -> `scontrol requeue` while
-   SLURM_RESTART_COUNT < slurm.max_restarts; then the trainer resumes from `latest`.
+   ranks): jobs.launch forwards it to the ranks, which save and exit 75, and exits with the requeue code;
+5. after the step, reads jobs.launch's outcome (one exit code per outcome, launcher/contract.py):
+   done -> exit 0. requeue after a SIGTERM -> exit (Slurm is cancelling, requeueing or preempting this
+   attempt and decides what follows; a requeue from here would undo an `scancel`). requeue otherwise (the
+   time-limit warning, a crash after progress with restarts left: jobs.launch decides, counting
+   slurm.max_restarts) -> `scontrol requeue`, and the trainer resumes from `latest`. failed -> exit 1 at
+   once: a bad data path fails after one attempt, not after max_restarts.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from __future__ import annotations
 import shlex
 from pathlib import PurePosixPath
 
-from launcher.contract import DONE_FILE, LOGS_DIR, SPEC_FILE
+from launcher.contract import DONE_FILE, LAUNCH_REQUEUE, LOGS_DIR, SPEC_FILE
 from launcher.errors import UsageError
 from launcher.profile import SlurmProfile
 from launcher.spec import JobSpec
+from launcher.torchrun import launch_command
 
 SCRIPT_FILE = "job.sbatch"
 
@@ -67,7 +71,8 @@ def partition(spec: JobSpec, profile: SlurmProfile) -> str | None:
 
 
 def check(spec: JobSpec, profile: SlurmProfile) -> None:
-    """Rules that need the profile: what a container runtime needs, an absolute run directory."""
+    """Rules that need the profile: an absolute run directory; with a container runtime, an image and
+    every path of the spec inside what the container mounts (launcher/paths.py)."""
     if not PurePosixPath(spec.run_dir).is_absolute():
         raise UsageError(
             f"checkpoint.dir resolves to {spec.run_dir!r}, not an absolute path",
@@ -80,12 +85,9 @@ def check(spec: JobSpec, profile: SlurmProfile) -> None:
                 f"the {rt} container runtime needs an image, and the spec has none",
                 hint="set image: (build it from images/Dockerfile) or --set slurm.container_runtime=none",
             )
-        root = PurePosixPath(profile.shared_root)
-        if not PurePosixPath(spec.run_dir).is_relative_to(root):
-            raise UsageError(
-                f"the run directory {spec.run_dir} is not under the shared storage {root} mounted into the container",
-                hint=f"set checkpoint.dir under {root}, or shared_root in the cluster profile",
-            )
+        from launcher.paths import check_slurm
+
+        check_slurm(spec, profile.shared_root, rt)  # every path the job reads or writes, under the mounts
 
 
 def sbatch_options(spec: JobSpec, profile: SlurmProfile) -> dict[str, str | None]:
@@ -139,11 +141,33 @@ def _container_args(spec: JobSpec, profile: SlurmProfile) -> list[str]:
             "--no-container-mount-home",
             Raw('--container-workdir="${SLURM_SUBMIT_DIR}"'),
         ]
+    if rt == "oci":
+        return oci_args(spec.image or "", mounts)
     return []
 
 
+def oci_args(bundle: str, mounts: list[str]) -> list[str]:
+    """Slurm's own OCI containers (oci.conf + runc): `srun --container=BUNDLE`, the mounts for images/oci-run.
+
+    The bundle (images/bundle.sh) is a folder on every node; oci.conf's RunTimeRun (images/oci-run) reads the
+    mounts from MBL_CONTAINER_MOUNTS in the step's environment, `;`-separated (srun's --export splits on `,`).
+    """
+    if not bundle.startswith("/"):
+        raise UsageError(
+            f"the oci container runtime runs an OCI bundle folder on the nodes, and image is {bundle!r}",
+            hint="make one from the image with images/bundle.sh IMAGE /shared/bundles/NAME and set image: to its path",
+        )
+    bad = [m for m in mounts if "," in m or ";" in m]
+    if bad:
+        raise UsageError(
+            f"slurm.container_mounts entries may not contain ',' or ';' with the oci runtime: {', '.join(bad)}",
+            hint="rename the folder, or mount a parent of it",
+        )
+    return [f"--container={bundle}", f"--export=ALL,MBL_CONTAINER_MOUNTS={';'.join(mounts)}"]
+
+
 def _wrapper(spec: JobSpec, profile: SlurmProfile) -> list[str]:
-    """What runs torchrun inside the step: apptainer, or nothing (pyxis takes srun flags)."""
+    """What runs the in-job command inside the step: apptainer, or nothing (pyxis and oci take srun flags)."""
     if runtime(spec, profile) != "apptainer":
         return []
     mounts = [f"{profile.shared_root}:{profile.shared_root}", *spec.slurm.container_mounts]
@@ -223,7 +247,9 @@ def render_script(spec: JobSpec, profile: SlurmProfile, trainer: list[str]) -> s
     elif setup:
         out += ["# Setup on the host (the trainer itself runs in the container).", *setup]
 
-    env = {"MBL_JOB_NAME": spec.name, "MBL_RUN_DIR": Raw('"${run_dir}"'), "PYTHONUNBUFFERED": "1", **spec.env}
+    env = {"MBL_JOB_NAME": spec.name, "MBL_RUN_DIR": Raw('"${run_dir}"'), "MBL_BACKEND": "slurm",
+           "MBL_JOB_ID": Raw('"${SLURM_JOB_ID}"'), "MBL_ATTEMPT": Raw('"${attempt}"'), "PYTHONUNBUFFERED": "1",
+           **spec.env}
     out += ["", "# Environment (spec.env)."]
     out += [f"export {k}={q(v)}" for k, v in env.items()]
     if spec.secrets:
@@ -244,8 +270,8 @@ def render_script(spec: JobSpec, profile: SlurmProfile, trainer: list[str]) -> s
         "export MASTER_ADDR MASTER_PORT",
         "",
         "# Preemption: USR1 (the time limit, `scancel --signal=USR1 --batch`) and TERM (scancel, requeue) become",
-        "# SIGTERM to the job's steps; torchrun forwards it to every rank, which saves a checkpoint and exits 75.",
-        f"max_restarts={s.max_restarts}",
+        "# SIGTERM to the job's steps; jobs.launch forwards it to every rank, which saves a checkpoint and exits.",
+        f"requeue_code={LAUNCH_REQUEUE}",
         'stop_signal=""',
         'srun_pid=""',
         "# shellcheck disable=SC2317  # called by the traps below",
@@ -284,39 +310,37 @@ def render_script(spec: JobSpec, profile: SlurmProfile, trainer: list[str]) -> s
         '  echo "mbl: DONE: the job is complete"',
         "  exit 0",
         "fi",
-        'if [[ "${stop_signal}" == TERM ]]; then',
-        '  echo "mbl: stopped by SIGTERM (scancel, scontrol requeue, preemption or the time limit)"',
-        '  exit "${rc}"',
-        "fi",
-        'if [[ -z "${stop_signal}" && "${rc}" -eq 0 ]]; then',
-        f'  echo "mbl: warning: the trainer exited 0 without writing {DONE_FILE}"',
-        "  exit 0",
-        "fi",
-        'if ((attempt < max_restarts)); then',
-        '  echo "mbl: requeueing: restart $((attempt + 1)) of at most ${max_restarts}; the trainer resumes from latest"',
+        'if [[ "${rc}" -eq "${requeue_code}" ]]; then',
+        '  if [[ "${stop_signal}" == TERM ]]; then',
+        '    echo "mbl: stopped by SIGTERM (scancel, scontrol requeue, preemption or the time limit); Slurm decides"',
+        '    exit "${rc}"',
+        "  fi",
+        '  echo "mbl: requeueing (restart $((attempt + 1))); the trainer resumes from latest"',
         '  if scontrol requeue "${SLURM_JOB_ID}"; then',
         "    exit 0",
         "  fi",
         '  echo "mbl: scontrol requeue failed"',
+        "  exit 1",
         "fi",
-        'echo "mbl: giving up after ${attempt} restart(s) (slurm.max_restarts=${max_restarts})"',
-        'exit "$((rc == 0 ? 1 : rc))"',
+        'if [[ "${rc}" -eq 0 ]]; then',
+        f'  echo "mbl: warning: the step exited 0 without writing {DONE_FILE}"',
+        "  exit 0",
+        "fi",
+        'echo "mbl: failed for good (exit code ${rc}); the reason is in the jobs.launch line above"',
+        'exit "${rc}"',
     ]
     return "\n".join(out) + "\n"
 
 
 def trainer_words(spec: JobSpec) -> list[str]:
-    """torchrun with a c10d rendezvous across the job's nodes (the common trainer_command of all backends)."""
-    from launcher.backends.local import trainer_command
-
-    extra = [
+    """jobs.launch with a c10d rendezvous across the job's nodes (launcher.torchrun builds the rest)."""
+    rendezvous = [
         f"--nnodes={spec.distributed.nodes}",
         "--rdzv-backend=c10d",
         Raw('--rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT}"'),
         Raw('--rdzv-id="${SLURM_JOB_ID}-${attempt}"'),
-        "--max-restarts=0",
     ]
-    return trainer_command(spec, spec.distributed.gpus_per_node, extra)
+    return launch_command(spec, f"{spec.run_dir}/{SPEC_FILE}", rendezvous)
 
 
 def script(spec: JobSpec, profile: SlurmProfile) -> str:

@@ -1,0 +1,149 @@
+"""The training loop shared by pretrain and finetune: steps, logging, periodic checkpoints, evaluation hooks
+and the stop flag.
+
+Each micro batch is built on the host by the kind's batch function and moved to the engine's device here.
+The loss stays on the device: it is summed there over the micro steps of a log interval and read once per
+interval, after one all_reduce, so a step never waits for the GPU to finish. A metrics row holds loss, lr,
+gradient norm and tokens/s; on CUDA also the peak memory allocated (GiB) and the model FLOPs utilization:
+6 x parameters x tokens/s over the GPUs' peak (env MBL_PEAK_TFLOPS per GPU, default 989, an H100's or
+H200's dense bf16; attention FLOPs are not counted). tokens/s counts the time of the training steps only,
+not that of evaluations and checkpoint saves inside the interval.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from jobs.device import to_device
+from jobs.runtime import Context, parameter_count
+from launcher import contract
+
+DEFAULT_PEAK_TFLOPS = 989.0
+
+
+class Loop:
+    """Steps, logging, periodic checkpoints, evaluation hooks, and the stop flag: one run of a kind."""
+
+    def __init__(self, ctx: Context, engine, total_steps: int, accum: int, batch_fn, tokens_per_step: int,
+                 greater_is_better: bool):
+        from jobs.checkpoint import Checkpointer, StopFlag
+
+        self.ctx, self.engine, self.total, self.accum = ctx, engine, total_steps, accum
+        self.device = engine.device
+        self.batch_fn, self.tokens_per_step = batch_fn, tokens_per_step
+        self.ckpt = Checkpointer(ctx.run_dir, ctx.spec, ctx.rank, ctx.world, ctx.log)
+        self.ckpt.greater_is_better = greater_is_better
+        if ctx.lease is not None:
+            self.ckpt.before_commit = ctx.lease.check
+        self.flag = StopFlag(self.device)
+        self.greater = greater_is_better
+        self.state = {"step": 0, "tokens": 0, "metric": None, "best_metric": None, "best_step": None,
+                      "bad_evals": 0, "fingerprint": ctx.spec.training_fingerprint(), "world_size": ctx.world,
+                      "kind": ctx.spec.kind, "extra": {}}
+        self.resumed_from = None
+        self._params: int | None = None  # for MFU, counted at the first log on CUDA
+
+    def resume(self) -> bool:
+        path = self.ckpt.find()
+        if path is None:
+            return False
+        self.state, rank_state = self.ckpt.load(self.engine, path)
+        saved, here = rank_state.get("position"), self.batch_position(self.state["step"])
+        if saved is not None and saved != here:  # the batcher seeks from the step: it must land where the save was
+            from jobs.errors import ResumeError
+
+            raise ResumeError(f"{path}: rank {self.ctx.rank} saved data position {saved}, but this data gives {here} "
+                              "at that step: the prepared data changed", "point data.prepared at the data the run "
+                              "started with, or start a new run")
+        self.resumed_from = path
+        self.ctx.log(f"resumed from {path.relative_to(self.ctx.run_dir)} at step {self.state['step']}")
+        return True
+
+    def save(self) -> None:
+        t0 = time.time()
+        self.ckpt.save(self.engine, dict(self.state), {"position": self.batch_position(self.state["step"])})
+        self.ctx.log(f"checkpoint step {self.state['step']} saved in {time.time() - t0:.1f}s")
+
+    def batch_position(self, step: int) -> dict:
+        return {"step": step, "rank": self.ctx.rank}
+
+    def improved(self, value: float) -> bool:
+        best = self.state["best_metric"]
+        return best is None or (value > best if self.greater else value < best)
+
+    def _device_metrics(self, tokens_per_s: float) -> dict:
+        """Peak memory and MFU of this rank's GPU (rank 0's stands for all: the ranks run the same shapes)."""
+        import torch
+
+        if self._params is None:
+            self._params = parameter_count(self.engine.module)
+        peak = float(os.environ.get("MBL_PEAK_TFLOPS", DEFAULT_PEAK_TFLOPS)) * 1e12 * self.ctx.world
+        return {"max_memory_gib": round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 3),
+                "mfu": 6 * self._params * tokens_per_s / peak}
+
+    def run(self, evaluate, eval_every: int) -> int:
+        """Train to the end (returns 0) or until a stop request (saves, returns REQUEUE_EXIT_CODE)."""
+        import torch
+        import torch.distributed as dist
+
+        ctx, engine, spec = self.ctx, self.engine, self.ctx.spec
+        every = spec.checkpoint.every_steps
+        bar = None
+        if ctx.rank == 0 and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total, initial=self.state["step"], unit="step")
+        engine.train()
+        # Summed on the device over the micro steps of a log interval; read once per interval.
+        window_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        t_log, paused, step_seconds, window_n = time.time(), 0.0, 0.0, 0
+        while self.state["step"] < self.total:
+            step, t0 = self.state["step"], time.time()
+            for m in range(self.accum):
+                out = engine(**to_device(self.batch_fn(step, m), self.device))
+                engine.backward(out.loss)
+                engine.step()
+                window_loss += out.loss.detach()
+            step += 1
+            self.state["step"], self.state["tokens"] = step, self.state["tokens"] + self.tokens_per_step
+            step_seconds = time.time() - t0
+            window_n += 1
+            if bar:
+                bar.update(1)
+            if step % spec.train.log_every_steps == 0 or step == self.total:
+                loss = (window_loss / (window_n * self.accum)).reshape(1)
+                dist.all_reduce(loss)
+                loss_value = loss.item() / ctx.world  # waits for the interval's steps: the time below is theirs
+                elapsed = max(time.time() - t_log - paused, 1e-9)
+                norm = engine.get_global_grad_norm()
+                row = {"step": step, "loss": loss_value, "lr": engine.get_lr()[0],
+                       "grad_norm": float(norm) if norm is not None else None,
+                       "tokens_per_s": self.tokens_per_step * window_n / elapsed, "tokens": self.state["tokens"]}
+                if self.device.type == "cuda":
+                    row.update(self._device_metrics(row["tokens_per_s"]))
+                ctx.record(row)
+                if bar:
+                    bar.set_postfix(loss=f"{row['loss']:.3f}")
+                window_loss.zero_()
+                t_log, paused, window_n = time.time(), 0.0, 0
+            t_pause = time.time()
+            if step % eval_every == 0 and step < self.total:
+                if evaluate(step) == "stop":
+                    ctx.log("early stopping: no improvement")
+                    break
+            if step % every == 0 and step < self.total:
+                self.save()
+            stop, reason = self.flag.should_stop(self.ckpt.save_seconds, step_seconds)
+            if stop:
+                ctx.log(f"stopping at step {step}: {reason}; saving and exiting {contract.REQUEUE_EXIT_CODE}")
+                if step % every != 0:
+                    self.save()
+                if bar:
+                    bar.close()
+                return contract.REQUEUE_EXIT_CODE
+            paused += time.time() - t_pause
+        if bar:
+            bar.close()
+        return 0
