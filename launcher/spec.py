@@ -266,7 +266,9 @@ class SlurmSpec(Strict):
     qos: str | None = Field(None, description="Quality of service.")
     constraint: str | None = Field(None, description="Node features (--constraint).")
     exclusive: bool = Field(False, description="Whole nodes (--exclusive).")
-    max_restarts: int = Field(3, ge=0, le=100, description="Requeues after preemption or failure before giving up.")
+    max_restarts: int = Field(
+        3, ge=0, le=100, description="Requeues after a failure that followed progress (a new checkpoint) before "
+        "giving up; preemptions and time-limit requeues do not count, a failure without progress never requeues.")
     signal_seconds: int = Field(300, ge=10, le=3600, description="Seconds of warning (SIGUSR1) before the time limit.")
     container_runtime: Literal["pyxis", "apptainer", "oci", "none"] | None = Field(
         None, description="How to run the image; unset takes the profile's."
@@ -302,7 +304,9 @@ class K8sSpec(Strict):
     mount_path: str = Field("/shared", description="Where the PVC is mounted in the container.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector labels.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Extra tolerations.")
-    max_restarts: int = Field(3, ge=0, le=100, description="PyTorchJob backoffLimit.")
+    max_restarts: int = Field(
+        3, ge=0, le=100, description="Restarts after a failure that followed progress (counted by jobs.launch); "
+        "also the PyTorchJob's backoffLimit.")
     ttl_seconds_after_finished: int = Field(7 * 86400, ge=0, description="Delete finished jobs after this long.")
     termination_grace_seconds: int = Field(600, ge=30, description="Time to save a checkpoint on eviction.")
 
