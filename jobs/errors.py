@@ -5,7 +5,7 @@ They belong to the launcher's error family (launcher.errors), so that both sides
 
 from __future__ import annotations
 
-from launcher.errors import UsageError
+from launcher.errors import MblError, UsageError
 
 
 class DataError(UsageError):
@@ -14,3 +14,7 @@ class DataError(UsageError):
 
 class ResumeError(DataError):
     """The run directory cannot be resumed with this spec or world size."""
+
+
+class ExportError(MblError):
+    """An export that ran but whose result is wrong (ONNX output differs from PyTorch): exit code 1."""

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jobs.errors import DataError, ExportError
 from launcher import contract
+from launcher.errors import MblError
 
 TOLERANCE = 1e-4
 OPSET = 17
@@ -119,7 +121,8 @@ def export_onnx(run_dir: str | Path, quantize: bool = False, tolerance: float = 
     run_dir = Path(run_dir)
     final = run_dir / contract.FINAL_DIR
     if not (final / "config.json").exists():
-        raise SystemExit(f"error: {final} does not exist; the run has not finished")
+        raise DataError(f"{final} does not exist: the run has not finished",
+                        "wait for the job to finish (mbl status), or export a finished run directory")
     model, qa = _load(final)
     out_dir = final / "onnx"
     out_dir.mkdir(exist_ok=True)
@@ -144,7 +147,8 @@ def export_onnx(run_dir: str | Path, quantize: bool = False, tolerance: float = 
     report = {"onnx": str(onnx_path), "max_abs_diff": diff, "tolerance": tolerance, "opset": OPSET}
     log(f"[mbl] ONNX export {onnx_path}: max |logit diff| vs PyTorch {diff:.2e} (tolerance {tolerance:g})")
     if diff > tolerance:
-        raise SystemExit(f"error: ONNX output differs from PyTorch by {diff:.2e} > {tolerance:g}")
+        raise ExportError(f"ONNX output differs from PyTorch by {diff:.2e} > {tolerance:g} ({onnx_path})",
+                          f"see {out_dir}; a larger --tolerance accepts it, or export with another opset")
     if quantize:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -177,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --quantize needs --onnx", file=sys.stderr)
         return 2
     if args.onnx:
-        export_onnx(args.run_dir, quantize=args.quantize == "int8", tolerance=args.tolerance)
+        try:
+            export_onnx(args.run_dir, quantize=args.quantize == "int8", tolerance=args.tolerance)
+        except MblError as exc:
+            print(exc.render(), file=sys.stderr)
+            return exc.exit_code
     return 0
 
 

@@ -86,7 +86,13 @@ def _load(spec_path: str, sets: tuple[str, ...], namespace: str | None = None):
 
     spec = load_spec(spec_path, list(sets))
     if namespace:
-        spec = spec.model_copy(update={"k8s": spec.k8s.model_copy(update={"namespace": namespace})})
+        from pydantic import ValidationError
+
+        try:  # validated like the spec's own k8s.namespace (model_copy would skip the validators)
+            spec.k8s.namespace = namespace
+        except ValidationError as exc:
+            raise UsageError(f"-n/--namespace {namespace!r}: {exc.errors()[0]['msg']}",
+                             hint="give a DNS label such as research-nlp, or set k8s.namespace in the spec") from None
     return spec.resolved()
 
 

@@ -151,9 +151,15 @@ def apply_sets(data: dict[str, Any], sets: list[str], origins: Origins) -> dict[
     for expr in sets:
         parts, value = _parse_set(expr)
         node = data
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is not None and not isinstance(node[part], dict):
+                where = ".".join(parts[:i + 1])
+                raise SpecError([SpecProblem(f"--set {expr}", None, parts[:i + 1], node[part],
+                                             f"{where} is a value, not a section: it has no key "
+                                             f"{parts[i + 1]!r}; set {where}=VALUE instead")])
+            if node.get(part) is None:
                 node[part] = {}
+                origins.where[parts[:i + 1]] = (f"--set {expr}", None)
             node = node[part]
         node[parts[-1]] = value
         origins.where[parts] = (f"--set {expr}", None)

@@ -32,8 +32,8 @@ limit
 jobs
     The number of the team's PyTorchJobs that have not finished (Succeeded/Failed) and are not being deleted.
 
-A job or pod belongs to the team named by its `mbl/team` label (what `mbl submit` sets; `mbl.dev/team`, the
-label of the quota objects, is accepted too), else to the team whose namespace it is in, when only one team
+A job or pod belongs to the team named by its `mbl/team` label (what `mbl submit` sets, and the label of the
+quota objects: one key everywhere), else to the team whose namespace it is in, when only one team
 of the policy uses that namespace. Only the policy teams' namespaces are read.
 
 Missing things are not errors: a ResourceQuota, a ClusterQueue, or a whole API (the Kueue or PyTorchJob CRD
@@ -56,7 +56,7 @@ from launcher.quota import QuotaPolicy, Usage
 
 GPU = "nvidia.com/gpu"
 QUOTA_KEY = f"requests.{GPU}"
-TEAM_LABELS = (render.TEAM_LABEL, "mbl.dev/team")
+TEAM_LABEL = render.TEAM_LABEL
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"  # Kueue v0.19's storage version
 KUEUE_API_VERSION = f"{KUEUE_GROUP}/{KUEUE_VERSION}"
@@ -123,10 +123,7 @@ def _meta(obj: dict[str, Any]) -> dict[str, Any]:
 
 def _team_of(obj: dict[str, Any], only_team: str | None) -> str | None:
     labels = _meta(obj).get("labels") or {}
-    for key in TEAM_LABELS:
-        if labels.get(key):
-            return str(labels[key])
-    return only_team
+    return str(labels[TEAM_LABEL]) if labels.get(TEAM_LABEL) else only_team
 
 
 def cluster_queue_gpus(cq: dict[str, Any]) -> int | None:
@@ -179,7 +176,7 @@ def k8s_objects(policy: QuotaPolicy) -> list[dict[str, Any]]:
         "metadata": {"name": FLAVOR, "labels": labels}, "spec": {},
     }]
     for name, team in sorted(policy.teams.items()):
-        team_labels = {**labels, "mbl.dev/team": name}
+        team_labels = {**labels, TEAM_LABEL: name}
         ns = team.namespace or name
         objects.append({
             "apiVersion": "v1", "kind": "ResourceQuota",

@@ -188,3 +188,13 @@ def test_quota_commands_without_or_with_a_bad_policy(tmp_path):
     assert "sacctmgr -i modify account where name=nlp set GrpTRES=gres/gpu=4 MaxTRESPerJob=gres/gpu=2" in result.output
     result = run("quota", "report", "--since", "yesterday")
     assert result.exit_code == 2 and "not a date" in result.output
+
+
+def test_bad_namespace_option_is_a_clean_error():
+    """-n is validated like k8s.namespace: exit 2 naming the option, never a pydantic traceback."""
+    result = run("render", "--k8s", "examples/pretrain.yaml", "-n", "Bad_NS")
+    assert result.exit_code == 2, result.output
+    assert "-n/--namespace 'Bad_NS'" in result.output and "DNS label" in result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    ok = run("render", "--k8s", "examples/pretrain.yaml", "-n", "research")
+    assert ok.exit_code == 0 and "namespace: research" in ok.output

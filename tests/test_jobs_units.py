@@ -159,3 +159,15 @@ def test_pretraining_model_registered_and_exports_plain_mlm(tmp_path):
     model.eval()
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6)
+
+
+def test_export_of_an_unfinished_run_is_a_clean_usage_error(tmp_path):
+    """jobs.export's failures belong to the error family: a message with the fix and exit 2, no SystemExit text."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "jobs.export", str(tmp_path), "--onnx"], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2, proc.stderr
+    assert "error:" in proc.stderr and "has not finished" in proc.stderr and "fix: wait for the job" in proc.stderr
+    assert "Traceback" not in proc.stderr

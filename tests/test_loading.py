@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from launcher.errors import SpecError
 from launcher.loading import load_spec
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def write(path, text):
@@ -93,3 +97,12 @@ def test_missing_file(tmp_path):
     with pytest.raises(SpecError) as info:
         load_spec(tmp_path / "nope.yaml")
     assert "cannot read" in info.value.problems[0].message
+
+
+def test_set_into_a_value_is_reported_against_the_override():
+    """`--set train.max_steps.x=1`: the error names the --set, not the spec file's line of train.max_steps."""
+    with pytest.raises(SpecError) as err:
+        load_spec(EXAMPLES / "pretrain-tiny.yaml", ["train.max_steps.x=1"])
+    text = err.value.render()
+    assert text.startswith("error: --set train.max_steps.x=1: train.max_steps:"), text
+    assert "pretrain-tiny.yaml" not in text and "set train.max_steps=VALUE" in text

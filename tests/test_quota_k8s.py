@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +20,7 @@ from launcher.backends import k8s_render as render
 from launcher.backends.base import JobRef
 from launcher.errors import BackendError
 from launcher.quota import QuotaPolicy, aggregate, registry_report_rows, show_rows
-from launcher.quota_k8s import K8sUsage, job_gpus, k8s_objects, k8s_usage, k8s_yaml, pod_gpus
+from launcher.quota_k8s import TEAM_LABEL, K8sUsage, job_gpus, k8s_objects, k8s_usage, k8s_yaml, pod_gpus
 from test_k8s_client import status_body
 from test_k8s_render import PROFILE, example, validate_object
 
@@ -74,7 +75,7 @@ def seed_policy_objects(kmock: Any, policy: QuotaPolicy, quotas_of: tuple[str, .
         meta = obj["metadata"]
         if obj["kind"] == "ClusterQueue":
             kmock.objects[(CQS, None, meta["name"])] = obj
-        elif obj["kind"] == "ResourceQuota" and meta["labels"]["mbl.dev/team"] in quotas_of:
+        elif obj["kind"] == "ResourceQuota" and meta["labels"][TEAM_LABEL] in quotas_of:
             kmock.objects[("v1/resourcequotas", meta["namespace"], meta["name"])] = obj
 
 
@@ -285,3 +286,17 @@ def test_registry_report_rows_for_k8s_jobs() -> None:
     assert totals["nlp"] == {"team": "nlp", "jobs": 2, "gpu_hours": 34.0}
     assert totals["vision"]["jobs"] == 2 and totals["vision"]["gpu_hours"] == pytest.approx(12.0, abs=0.01)
     assert [r["team"] for r in aggregate(rows, "team")] == ["nlp", "vision"]  # most GPU-hours first
+
+
+def test_one_team_label_key_on_jobs_and_quota_objects() -> None:
+    """The label that names a team is the same on the objects `mbl submit` makes and those of a quota policy."""
+    from launcher.backends.k8s_render import labels
+    from launcher.loading import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "finetune.yaml")
+    assert labels(spec)[TEAM_LABEL] == spec.team
+    for obj in k8s_objects(POLICY):
+        keys = set((obj["metadata"].get("labels") or {}))
+        assert not any(k.endswith("/team") and k != TEAM_LABEL for k in keys), obj["metadata"]
+        if obj["kind"] in ("ResourceQuota", "ClusterQueue", "LocalQueue"):
+            assert obj["metadata"]["labels"][TEAM_LABEL] in POLICY.teams
