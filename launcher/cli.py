@@ -209,7 +209,7 @@ def submit(spec_path: str, cluster: str | None, short: str | None, sets: tuple[s
 
         refuse_live_writer(spec, registry, _backend)  # one writer per run directory
     if not no_quota_check and name != "local" and not dry_run:
-        _quota_precheck(name, spec)
+        _quota_precheck(name, spec, backend)
     ref = backend.submit(request)
     if dry_run:
         click.echo(f"server-side dry run accepted {spec.name} in namespace {spec.k8s.namespace}")
@@ -232,14 +232,27 @@ def _policy_path(explicit: str | None) -> Path | None:
     return config if config.exists() else None
 
 
-def _quota_precheck(cluster: str, spec: Any) -> None:
-    """Refuse a job that would break its team's GPU share, when a quota policy is configured."""
+def _quota_precheck(cluster: str, spec: Any, backend: Any) -> None:
+    """Refuse a job that would break its team's GPU share, when a quota policy is configured. The use counted
+    is that of the account and partition the job is submitted to (the profile's defaults, as the renderer
+    uses them) on Slurm, and the team's current use on Kubernetes."""
     policy = _policy_path(None)
     if policy is None:
         return
     from launcher import quota
 
-    quota.precheck(cluster, spec, str(policy))
+    usage, part = None, None
+    if cluster == "slurm":
+        from launcher.backends.slurm_render import account, partition
+
+        profile = backend.profile.slurm
+        charged, part = account(spec, profile), partition(spec, profile)
+        usage = quota.slurm_usage().get(charged, quota.Usage(charged))
+    elif cluster == "k8s":
+        from launcher.quota_k8s import k8s_usage
+
+        usage = k8s_usage(quota.load_policy(policy), context=getattr(backend, "kube_context", None)).get(spec.team)
+    quota.precheck(spec, str(policy), usage, part)
 
 
 def _follow_local(backend: Any, registry: Any, record: Any) -> int:

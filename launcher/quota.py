@@ -200,13 +200,10 @@ class QuotaExceeded(UsageError):
     exit_code = QUOTA_EXIT_CODE
 
 
-def precheck(cluster: str, spec: JobSpec, policy_path: str) -> None:
-    policy = load_policy(policy_path)
-    usage: Usage | None = None
-    if cluster == "slurm":
-        account = spec.slurm.account or spec.team
-        usage = slurm_usage().get(account, Usage(account))
-    problems = check_job(spec, policy, usage, spec.slurm.partition)
+def precheck(spec: JobSpec, policy_path: str, usage: Usage | None, partition: str | None = None) -> None:
+    """Refuse the job (QuotaExceeded) when it would break its team's share. `usage`: the team's current use on
+    the cluster it goes to (the Slurm account the job is charged to, or the team on Kubernetes)."""
+    problems = check_job(spec, load_policy(policy_path), usage, partition)
     if problems:
         raise QuotaExceeded("; ".join(problems), hint="`mbl quota show` shows each team's use; --no-quota-check skips "
                             "this check (the cluster still enforces its own limits)")

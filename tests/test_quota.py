@@ -143,3 +143,24 @@ def test_quota_apply_sets_the_limits_in_slurm(tmp_path):
         assert row == "qtest||gres/gpu=2|gres/gpu=2|02:00:00"
     finally:
         subprocess.run(["sacctmgr", "-i", "delete", "account", "qtest"], capture_output=True)
+
+
+def test_precheck_counts_the_account_and_partition_the_job_is_submitted_to(tmp_path, monkeypatch):
+    """The profile's default account and partition, as the Slurm renderer uses them: the use of account
+    `research` (where the job is charged) is what counts, not that of an account named after the team."""
+    from launcher.backends.slurm import SlurmBackend
+    from launcher.cli import _quota_precheck
+    from launcher.profile import Profile
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    monkeypatch.setenv("MBL_QUOTA_POLICY", str(policy))
+    backend = SlurmBackend()
+    backend._profile = Profile.model_validate({"name": "p", "slurm": {
+        "default_account": "research", "partitions": [{"name": "batch", "default": True}], "shared_root": "/"}})
+    # squeue's view: account research already holds 4 GPUs, account nlp none
+    monkeypatch.setattr(q, "slurm_usage", lambda: {"research": q.Usage("research", running=4)})
+    with pytest.raises(q.QuotaExceeded) as err:
+        _quota_precheck("slurm", job(distributed={"gpus_per_node": 1}, train={"global_batch_size": 8}), backend)
+    assert "1 GPUs, 4 are in use" in str(err.value)
+    assert "partition 'batch' not allowed (gpu)" in str(err.value)  # the profile's default partition
