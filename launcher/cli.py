@@ -196,6 +196,10 @@ def submit(spec_path: str, cluster: str | None, short: str | None, sets: tuple[s
       mbl submit --k8s examples/finetune.yaml -n research
     """
     name = _cluster(cluster, short)
+    if force and name == "k8s":  # never dropped silently
+        raise UsageError("--force does not apply to --k8s: a job name is never replaced in the cluster",
+                         hint="delete the old job first (mbl cancel NAME), then submit; the run resumes from its "
+                              "checkpoints on the volume")
     spec = _load(spec_path, sets, namespace)
     backend = _backend(name, profile=profile, kube_context=kube_context, detach=detach, force=force,
                        server_dry_run=dry_run if name == "k8s" else None)

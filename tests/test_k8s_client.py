@@ -368,3 +368,31 @@ async def test_cli_end_to_end_through_a_kubeconfig(kmock: Any, tmp_path: Any, mo
     assert result.output == "epoch 1 accuracy 0.91\n"
     result = await asyncio.to_thread(run, "cancel", "mbert-base-sst")
     assert result.exit_code == 0 and "cancelled mbert-base-sst" in result.output
+
+
+def test_one_client_per_kubeconfig_context(tmp_path: Any, monkeypatch: Any) -> None:
+    """`mbl list` asks one backend about jobs of several contexts: each gets the client of its own context."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(__import__("yaml").safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "a",
+        "clusters": [{"name": "a", "cluster": {"server": "https://a.example:6443"}},
+                     {"name": "b", "cluster": {"server": "https://b.example:6443"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "a", "context": {"cluster": "a", "user": "u"}},
+                     {"name": "b", "context": {"cluster": "b", "user": "u"}}],
+    }))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    backend = K8sBackend()
+    a, b = backend._client("a"), backend._client("b")
+    assert a.configuration.host == "https://a.example:6443" and b.configuration.host == "https://b.example:6443"
+    assert backend._client("a") is a and backend._client() is not b  # cached per context; default = current
+
+
+def test_force_is_refused_for_kubernetes_rather_than_dropped() -> None:
+    from click.testing import CliRunner
+
+    from launcher.cli import cli
+
+    spec_path = str(Path(__file__).resolve().parents[1] / "examples" / "finetune.yaml")
+    result = CliRunner().invoke(cli, ["submit", "--k8s", "--force", spec_path])
+    assert result.exit_code == 2 and "--force does not apply to --k8s" in result.output

@@ -141,6 +141,7 @@ class K8sBackend(Backend):
         self.force = force
         self._configuration = configuration
         self._api_client = api_client
+        self._clients: dict[str | None, Any] = {}  # one ApiClient per kubeconfig context
 
     # ---- pure ---------------------------------------------------------------------------------
 
@@ -174,8 +175,10 @@ class K8sBackend(Backend):
             return self._api_client
         import os
 
-        cfg = client.Configuration()
         context = context or self.kube_context
+        if context in self._clients:
+            return self._clients[context]
+        cfg = client.Configuration()
         try:
             # $KUBECONFIG read now, not when `kubernetes` was imported; a list of paths is merged.
             config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, context=context,
@@ -195,8 +198,8 @@ class K8sBackend(Backend):
                     hint=(f"pass --context with one of: {contexts}" if contexts and context else
                           "point $KUBECONFIG (or ~/.kube/config) at the cluster, or run inside it"),
                 ) from None
-        self._api_client = client.ApiClient(cfg)
-        return self._api_client
+        self._clients[context] = client.ApiClient(cfg)
+        return self._clients[context]
 
     def _host(self) -> str:
         try:
