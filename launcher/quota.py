@@ -281,16 +281,24 @@ def slurm_report_rows(since: str) -> list[dict[str, Any]]:
                              "-o", "JobID,JobName,Account,User,AllocTRES,ElapsedRaw,State"]))
 
 
-def registry_report_rows(since: str, backend: str = "k8s") -> list[dict[str, Any]]:
-    """GPU-hours of jobs from the registry (Kubernetes keeps no accounting): submit to end (or now)."""
+def registry_report_rows(since: str, backend: str = "k8s", ended_at: Any = None) -> list[dict[str, Any]]:
+    """GPU-hours of jobs from the registry (Kubernetes keeps no accounting): submit to end (or now).
+
+    `ended_at(record)`: when a job the registry has no end for finished (asked from the cluster), or None;
+    the answer is kept in the registry."""
     from launcher.registry import Registry
 
     start = datetime.fromisoformat(since).timestamp()
     now = datetime.now().timestamp()
     rows = []
-    for record in Registry().list(backend=backend):
+    registry = Registry()
+    for record in registry.list(backend=backend):
         if record.submitted_at < start:
             continue
+        if not record.extra.get("ended_at") and ended_at is not None:
+            end = ended_at(record)
+            if end is not None:
+                registry.save_extra(record, {**record.extra, "ended_at": end})
         ended = float(record.extra.get("ended_at") or now)
         seconds = max(0, int(ended - record.submitted_at))
         rows.append({"job": record.job_id, "name": record.name, "team": record.team,

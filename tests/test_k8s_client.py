@@ -396,3 +396,24 @@ def test_force_is_refused_for_kubernetes_rather_than_dropped() -> None:
     spec_path = str(Path(__file__).resolve().parents[1] / "examples" / "finetune.yaml")
     result = CliRunner().invoke(cli, ["submit", "--k8s", "--force", spec_path])
     assert result.exit_code == 2 and "--force does not apply to --k8s" in result.output
+
+
+async def test_report_takes_a_finished_jobs_end_from_the_cluster(kmock: Any) -> None:
+    """A job nobody ran `mbl status` on after it finished still counts only up to its end, not up to now."""
+    from datetime import datetime, timezone
+
+    from launcher.quota import registry_report_rows
+    from launcher.registry import Registry
+
+    backend = backend_for(kmock)
+    ref = await submit(backend, pretrain())
+    record = Registry().add(ref, team="nlp", kind="pretrain", gpus=16)
+    end = record.submitted_at + 1800  # finished half an hour after submission
+    job_obj(kmock).patch({"status": {"conditions": [
+        {"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded", "message": "",
+         "lastTransitionTime": datetime.fromtimestamp(end, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}]}})
+    since = datetime.fromtimestamp(record.submitted_at - 60).isoformat(timespec="seconds")
+    rows = await asyncio.to_thread(registry_report_rows, since, "k8s", lambda r: backend.ended_at(r.ref))
+    [row] = rows
+    assert abs(row["seconds"] - 1800) <= 1 and row["gpu_hours"] == pytest.approx(8.0, abs=0.01)
+    assert Registry().get(ref.name).extra["ended_at"] == pytest.approx(end, abs=1)  # recorded for next time

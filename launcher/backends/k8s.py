@@ -451,6 +451,22 @@ class K8sBackend(Backend):
             return JobStatus(waiting, reason="; ".join(problems), detail=detail)
         return JobStatus(state, reason=message if state is JobState.REQUEUED else "", detail=detail)
 
+    def ended_at(self, ref: JobRef) -> float | None:
+        """When the job finished (unix time), from its terminal condition or completionTime; None while it
+        runs or when the cluster no longer has it."""
+        from datetime import datetime
+
+        job = self._get_job(ref)
+        status = (job or {}).get("status") or {}
+        stamps = [c.get("lastTransitionTime") for c in status.get("conditions") or []
+                  if str(c.get("status")) == "True" and CONDITION_STATES.get(c.get("type", "")) in
+                  (JobState.COMPLETED, JobState.FAILED)]
+        stamps.append(status.get("completionTime"))
+        for stamp in stamps:
+            if stamp:
+                return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+        return None
+
     def _log_pod(self, ref: JobRef, rank: int | None) -> str:
         api, _ns, name = self._where(ref)
         node = rank or 0
