@@ -1,7 +1,9 @@
 """YAML -> JobSpec: `extends:`, `--set a.b=value`, `${env:NAME}`, and errors that say where and how to fix.
 
 Every value remembers where it came from (file and line, or the `--set` that gave it), so that a
-validation error can point at the line to edit.
+validation error can point at the line to edit. The one loader of every YAML document mbl reads: job specs
+(`load_spec`), and through `load_document` the cluster profile and the quota policy, with the same line
+numbers and "did you mean" suggestions.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -101,19 +103,19 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read(path: Path, origins: Origins, depth: int = 0) -> dict[str, Any]:
+def _read(path: Path, origins: Origins, depth: int = 0, what: str = "spec") -> dict[str, Any]:
     source = str(path)
     if depth > MAX_EXTENDS_DEPTH:
         raise SpecError([SpecProblem(source, None, ("extends",), None, "`extends` nests too deep (a cycle?)")])
     try:
         text = path.read_text()
     except OSError as exc:
-        raise SpecError([SpecProblem(source, None, (), None, f"cannot read the spec: {exc.strerror}")])
+        raise SpecError([SpecProblem(source, None, (), None, f"cannot read the {what}: {exc.strerror}")])
     data, lines = _compose(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise SpecError([SpecProblem(source, 1, (), type(data).__name__, "a spec is a YAML mapping (key: value)")])
+        raise SpecError([SpecProblem(source, 1, (), type(data).__name__, f"a {what} is a YAML mapping (key: value)")])
     parent = data.pop("extends", None)
     if parent is None:
         origins.where.update(lines)
@@ -122,7 +124,7 @@ def _read(path: Path, origins: Origins, depth: int = 0) -> dict[str, Any]:
         raise SpecError([SpecProblem(source, lines.get(("extends",), (source, None))[1], ("extends",), parent,
                                      "`extends` takes one file path, relative to this file")])
     parent_path = (path.parent / parent).resolve()
-    base = _read(parent_path, origins, depth + 1)
+    base = _read(parent_path, origins, depth + 1, what)
     origins.where.update(lines)  # the child's lines win where it sets a value
     return deep_merge(base, data)
 
@@ -166,10 +168,10 @@ def apply_sets(data: dict[str, Any], sets: list[str], origins: Origins) -> dict[
     return data
 
 
-def load_data(path: str | Path, sets: list[str] | None = None) -> tuple[dict[str, Any], Origins]:
+def load_data(path: str | Path, sets: list[str] | None = None, what: str = "spec") -> tuple[dict[str, Any], Origins]:
     """The merged, interpolated document and where each value came from."""
     origins = Origins()
-    data = _read(Path(path).resolve() if not Path(path).is_absolute() else Path(path), origins)
+    data = _read(Path(path).resolve() if not Path(path).is_absolute() else Path(path), origins, what=what)
     # Keep file names as the user typed them in messages.
     shown = str(path)
     resolved = str(Path(path).resolve())
@@ -185,6 +187,19 @@ def load_data(path: str | Path, sets: list[str] | None = None) -> tuple[dict[str
 def load_spec(path: str | Path, sets: list[str] | None = None) -> JobSpec:
     data, origins = load_data(path, sets)
     return validate_data(data, origins)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_document(path: str | Path, model: type[M], what: str) -> M:
+    """Another YAML document (`what`: "cluster profile", "quota policy") as `model`, with the spec's errors:
+    file and line, field, the value given, "did you mean" for unknown keys."""
+    data, origins = load_data(path, [], what)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(explain(exc, data, origins, model)) from None
 
 
 def validate_data(data: dict[str, Any], origins: Origins) -> JobSpec:
@@ -232,15 +247,22 @@ def _cross_field_despite(
 # ---- turning Pydantic's errors into actionable ones ----------------------------------------------
 
 
-def _model_at(path: Path_) -> type[BaseModel] | None:
-    """The Pydantic model whose fields live at `path` (for "did you mean" suggestions)."""
-    model: Any = JobSpec
+def _model_at(path: Path_, root: type[BaseModel] = JobSpec) -> type[BaseModel] | None:
+    """The Pydantic model whose fields live at `path` (for "did you mean" suggestions). A key of a mapping
+    of models (`teams.nlp` of a quota policy) or an index of a list of them is stepped over."""
+    model: Any = root
+    keyed = False  # the previous field is a dict or list of models: this part is its key or index
     for part in path:
+        if keyed:
+            keyed = False
+            continue
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return None
         info = model.model_fields.get(str(part))
         if info is None:
             return None
+        origin = getattr(info.annotation, "__origin__", None)
+        keyed = origin in (dict, list)
         model = _unwrap(info.annotation)
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
@@ -272,7 +294,8 @@ def _get(data: Any, path: Path_) -> Any:
     return data
 
 
-def explain(exc: ValidationError, data: dict[str, Any], origins: Origins) -> list[SpecProblem]:
+def explain(exc: ValidationError, data: dict[str, Any], origins: Origins,
+            root: type[BaseModel] = JobSpec) -> list[SpecProblem]:
     problems = []
     for err in exc.errors(include_url=False):
         loc: Path_ = tuple(err["loc"])
@@ -283,7 +306,7 @@ def explain(exc: ValidationError, data: dict[str, Any], origins: Origins) -> lis
         kind = err["type"]
         if kind == "extra_forbidden":
             parent, key = loc[:-1], str(loc[-1])
-            model = _model_at(parent)
+            model = _model_at(parent, root)
             fields = sorted(model.model_fields) if model else []
             close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
             hint = f"did you mean `{close[0]}`? " if close else ""

@@ -10,10 +10,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from launcher.errors import SpecError, SpecProblem, UsageError
+from launcher.errors import UsageError
 from launcher.spec import Strict, Toleration
 
 
@@ -96,15 +95,6 @@ def load_profile(path: str | Path | None = None) -> Profile:
         if explicit:
             raise UsageError(f"cluster profile {target} does not exist", hint="pass --profile PATH to an existing file")
         return Profile()
-    try:
-        data = yaml.safe_load(target.read_text()) or {}
-        return Profile.model_validate(data)
-    except yaml.YAMLError as exc:
-        raise SpecError([SpecProblem(str(target), None, (), None, f"not valid YAML: {exc}")]) from None
-    except ValidationError as exc:
-        problems = [
-            SpecProblem(str(target), None, tuple(e["loc"]), e.get("input") if not isinstance(e.get("input"), dict)
-                        else None, e["msg"])
-            for e in exc.errors(include_url=False)
-        ]
-        raise SpecError(problems) from None
+    from launcher.loading import load_document
+
+    return load_document(target, Profile, "cluster profile")

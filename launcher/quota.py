@@ -29,10 +29,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from launcher.errors import BackendError, SpecError, SpecProblem, UsageError
+from launcher.errors import BackendError, UsageError
 from launcher.spec import DNS_1035, JobSpec, Strict, parse_time_limit
 
 QUOTA_EXIT_CODE = 2
@@ -70,21 +69,9 @@ class QuotaPolicy(Strict):
 
 
 def load_policy(path: str | Path) -> QuotaPolicy:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise UsageError(f"cannot read the quota policy {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise SpecError([SpecProblem(str(path), None, (), None, f"not valid YAML: {exc}")]) from None
-    try:
-        return QuotaPolicy.model_validate(data)
-    except ValidationError as exc:
-        raise SpecError([
-            SpecProblem(str(path), None, tuple(e["loc"]), None if isinstance(e.get("input"), dict) else e.get("input"),
-                        e["msg"].removeprefix("Value error, "))
-            for e in exc.errors(include_url=False)
-        ]) from None
+    from launcher.loading import load_document
+
+    return load_document(path, QuotaPolicy, "quota policy")
 
 
 # ---- live use ------------------------------------------------------------------------------------

@@ -106,3 +106,27 @@ def test_set_into_a_value_is_reported_against_the_override():
     text = err.value.render()
     assert text.startswith("error: --set train.max_steps.x=1: train.max_steps:"), text
     assert "pretrain-tiny.yaml" not in text and "set train.max_steps=VALUE" in text
+
+
+def test_profile_and_policy_errors_have_lines_and_suggestions(tmp_path):
+    """One loader for spec, cluster profile and quota policy: file:line, field path, "did you mean"."""
+    from launcher.profile import load_profile
+    from launcher.quota import load_policy
+
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("name: dev\nslurm:\n  version: '22.05'\n  shared_rot: /shared\n"
+                       "  partitions:\n    - name: gpu\n      defualt: true\n")
+    with pytest.raises(SpecError) as err:
+        load_profile(profile)
+    text = err.value.render()
+    assert f"{profile}:4: slurm.shared_rot: unknown key `shared_rot`; did you mean `shared_root`?" in text, text
+    assert f"{profile}:7: slurm.partitions.0.defualt: unknown key `defualt`; did you mean `default`?" in text, text
+
+    policy = tmp_path / "quota.yaml"
+    policy.write_text("teams:\n  nlp:\n    gpus: 4\n    max_gpu_per_job: 4\n  vision: {gpus: -1}\n")
+    with pytest.raises(SpecError) as err:
+        load_policy(policy)
+    text = err.value.render()
+    assert f"{policy}:4: teams.nlp.max_gpu_per_job: unknown key `max_gpu_per_job`; did you mean " \
+           "`max_gpus_per_job`?" in text, text
+    assert f"{policy}:5: teams.vision.gpus:" in text and "(given: -1)" in text, text
