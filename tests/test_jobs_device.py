@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from launcher import contract
-from launcher.loading import load_spec
 from launcher.spec import JobSpec
+from test_jobs_train import write_spec
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -144,14 +144,6 @@ def test_marks_follow_the_tensor_and_factories_in_jobs_code(checked):
 CHECKED_PRETRAIN = ["train.max_steps=6", "train.global_batch_size=8", "train.micro_batch_size=2",
                     "train.warmup_steps=0", "train.log_every_steps=2", "train.eval_every_steps=3",
                     "train.eval_batches=1", "checkpoint.every_steps=3"]
-
-
-def write_spec(example: str, run_dir: Path, *sets: str) -> Path:
-    spec = load_spec(REPO / example, sets=[f"checkpoint.dir={run_dir}", *sets]).resolved(REPO)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / contract.SPEC_FILE
-    path.write_text(spec.to_yaml())
-    return path
 
 
 def torchrun(spec: Path, env: dict | None = None) -> subprocess.CompletedProcess:
