@@ -120,7 +120,8 @@ def run_finetune(ctx: Context) -> int:
         tmp.rename(final)
     dist.barrier()
     summary = {"kind": "finetune", "task": spec.task.type, "final_dir": str(final), "steps": loop.state["step"],
-               "best_step": loop.state["best_step"], f"best_{eval_split}_{metric}": loop.state["best_metric"]}
+               "best_step": loop.state["best_step"], f"best_{eval_split}_{metric}": loop.state["best_metric"],
+               "tokens_per_s": loop.tokens_per_s}
     pre = Path(spec.model.init_from) / contract.SUMMARY_FILE
     if pre.exists():  # the main job: pre-training then this fine-tune; report both in one place
         pre_summary = json.loads(pre.read_text())
@@ -131,7 +132,8 @@ def run_finetune(ctx: Context) -> int:
         summary["test"] = task.evaluate(best, "test", t.micro_batch_size, ctx.rank, ctx.world, ctx.device)
         summary["test_baseline"] = task.baseline("test")
         ctx.record({"step": loop.state["step"], "split": "test", **summary["test"]})
-        ctx.log("test: " + json.dumps(summary["test"]) + "; trivial baseline: " + json.dumps(summary["test_baseline"]))
+        ctx.log("test: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["test"].items()) + "; trivial baseline: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in summary["test_baseline"].items()))
     if spec.export.onnx and ctx.rank == 0:
         from jobs.export import export_onnx
 

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, signal.SIG_IGN)  # the outcome is decided: record it whatever comes now
     after = newest_step(run_dir)
     result = classify(codes, got_signal, error, before, after, crash_restarts(run_dir, job), max_restarts(spec))
-    write_record(run_dir, {"job": job, "attempt": attempt, "host": host, "time": round(time.time(), 3),
+    write_record(run_dir, {"job": job, "attempt": attempt, "host": host, "pid": os.getpid(),
+                           "time": round(time.time(), 3),
                            "seconds": round(time.time() - started, 1), "step_before": before, "step_after": after,
                            "exit_code": result.exit_code, **asdict(result)})
     print(f"mbl launch: {result.outcome} (exit {result.exit_code}): {result.reason}", file=sys.stderr, flush=True)

@@ -4,7 +4,8 @@ and the stop flag.
 Each micro batch is built on the host by the kind's batch function and moved to the engine's device here.
 The loss stays on the device: it is summed there over the micro steps of a log interval and read once per
 interval, after one all_reduce, so a step never waits for the GPU to finish. A metrics row holds loss, lr,
-gradient norm and tokens/s; on CUDA also the peak memory allocated (GiB) and the model FLOPs utilization:
+gradient norm, tokens/s and the total of steps, and is printed too (launcher/progress.py `step_line`); on CUDA
+also the peak memory allocated (GiB) and the model FLOPs utilization:
 6 x parameters x tokens/s over the GPUs' peak (env MBL_PEAK_TFLOPS per GPU, default 989, an H100's or
 H200's dense bf16; attention FLOPs are not counted). tokens/s counts the time of the training steps only,
 not that of evaluations and checkpoint saves inside the interval.
@@ -19,6 +20,7 @@ import time
 from jobs.device import to_device
 from jobs.runtime import Context, parameter_count
 from launcher import contract
+from launcher.progress import step_line
 
 DEFAULT_PEAK_TFLOPS = 989.0
 
@@ -44,6 +46,14 @@ class Loop:
                       "kind": ctx.spec.kind, "extra": {}}
         self.resumed_from = None
         self._params: int | None = None  # for MFU, counted at the first log on CUDA
+        self.train_seconds, self.steps_run = 0.0, 0  # this attempt's training steps, for its mean tokens/s
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Mean tokens/s of this attempt's training steps (evaluations and saves left out)."""
+        if not self.steps_run or self.train_seconds <= 0:
+            return None
+        return self.steps_run * self.tokens_per_step / self.train_seconds
 
     def resume(self) -> bool:
         path = self.ckpt.find()
@@ -109,6 +119,7 @@ class Loop:
             step += 1
             self.state["step"], self.state["tokens"] = step, self.state["tokens"] + self.tokens_per_step
             step_seconds = time.time() - t0
+            self.train_seconds, self.steps_run = self.train_seconds + step_seconds, self.steps_run + 1
             window_n += 1
             if bar:
                 bar.update(1)
@@ -118,12 +129,13 @@ class Loop:
                 loss_value = loss.item() / ctx.world  # waits for the interval's steps: the time below is theirs
                 elapsed = max(time.time() - t_log - paused, 1e-9)
                 norm = engine.get_global_grad_norm()
-                row = {"step": step, "loss": loss_value, "lr": engine.get_lr()[0],
+                row = {"step": step, "total_steps": self.total, "loss": loss_value, "lr": engine.get_lr()[0],
                        "grad_norm": float(norm) if norm is not None else None,
                        "tokens_per_s": self.tokens_per_step * window_n / elapsed, "tokens": self.state["tokens"]}
                 if self.device.type == "cuda":
                     row.update(self._device_metrics(row["tokens_per_s"]))
                 ctx.record(row)
+                ctx.log(step_line(row))  # the training loss in the log, every log_every_steps
                 if bar:
                     bar.set_postfix(loss=f"{row['loss']:.3f}")
                 window_loss.zero_()

@@ -118,7 +118,7 @@ def run_pretrain(ctx: Context) -> int:
     dist.barrier()
     summary = {"kind": "pretrain", "final_dir": str(final), "steps": loop.state["step"], "tokens": loop.state["tokens"],
                "heldout_loss_start": loop.state["extra"].get("heldout_loss_start"), "heldout_loss": loop.state["metric"],
-               "perplexity": perplexity(loop.state["metric"])}
+               "perplexity": perplexity(loop.state["metric"]), "tokens_per_s": loop.tokens_per_s}
     if spec.export.onnx and ctx.rank == 0:
         from jobs.export import export_onnx
 

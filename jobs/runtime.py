@@ -79,7 +79,7 @@ class Context:
             self._tb = SummaryWriter(str(self.run_dir / "tb"))
         prefix = row.get("split", "train")
         for key, value in row.items():
-            if isinstance(value, (int, float)) and key not in ("step", "time"):
+            if isinstance(value, (int, float)) and key not in ("step", "time", "total_steps"):
                 self._tb.add_scalar(f"{prefix}/{key}", value, row.get("step", 0))
         self._tb.flush()
 
@@ -192,13 +192,15 @@ def full_state_dict(engine, stage: int) -> dict | None:
 
 
 def finish(ctx: Context, summary: dict) -> None:
-    """summary.json, the summary line, then DONE (last)."""
+    """summary.json, the summary as a table in the log (launcher/summary.py), then DONE (last)."""
     from jobs import devicecheck
+    from launcher.summary import summary_text
 
     if devicecheck.installed():
         ctx.log(devicecheck.report())
     if ctx.rank == 0:
         summary = {**summary, "run_dir": str(ctx.run_dir), "wall_seconds": round(time.time() - ctx.start, 1)}
         (ctx.run_dir / contract.SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
-        print("[mbl] summary: " + json.dumps(summary), flush=True)
+        lines = [f"summary ({contract.SUMMARY_FILE} in the run directory):", *summary_text(summary)]
+        print("\n".join(f"[mbl] {line}" for line in lines), flush=True)
         (ctx.run_dir / contract.DONE_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")

@@ -49,6 +49,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
       mbl render --slurm examples/pretrain.yaml            # the sbatch script
       mbl render --k8s examples/finetune.yaml | kubectl apply -f -
       mbl list; mbl status JOB; mbl logs -f JOB; mbl cancel JOB
+      mbl plot runs/tiny-pretrain runs/tiny-finetune      # loss, evaluations, tokens/s as a PNG
     """
     ctx.meta["mbl.debug"] = debug
 
@@ -121,7 +122,8 @@ def _registry():
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a spec field (repeatable).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only problems.")
 def validate(specs: tuple[str, ...], sets: tuple[str, ...], quiet: bool) -> None:
-    """Check spec files: types, ranges, unknown keys, batch arithmetic, names.
+    """Check spec files: types, ranges, unknown keys, batch arithmetic, names. A team quota policy (a file
+    with `teams:` and no `kind:`) is checked as one.
 
     \b
     Example:
@@ -132,6 +134,19 @@ def validate(specs: tuple[str, ...], sets: tuple[str, ...], quiet: bool) -> None
 
     failed: list[SpecError] = []
     for path in specs:
+        if _is_policy(path):
+            from launcher.quota import load_policy
+
+            try:
+                policy = load_policy(path)
+            except SpecError as exc:
+                failed.append(exc)
+                click.echo(exc.render(), err=True)
+                continue
+            if not quiet:
+                teams = ", ".join(f"{n} ({t.gpus} GPUs)" for n, t in policy.teams.items())
+                click.echo(f"ok: {path}: quota policy, teams {teams}")
+            continue
         try:
             spec = load_spec(path, list(sets))
         except SpecError as exc:
@@ -146,6 +161,17 @@ def validate(specs: tuple[str, ...], sets: tuple[str, ...], quiet: bool) -> None
             )
     if failed:
         sys.exit(2)
+
+
+def _is_policy(path: str) -> bool:
+    """A quota policy rather than a job spec: a mapping with `teams` and without `kind`."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False  # load_spec reports it
+    return isinstance(data, dict) and "teams" in data and "kind" not in data
 
 
 @cli.command()
@@ -183,9 +209,11 @@ def render(spec_path: str, cluster: str | None, short: str | None, sets: tuple[s
 @click.option("--detach", "-d", is_flag=True, help="local: run in the background and return at once.")
 @click.option("--force", is_flag=True, help="Start into a run directory that holds a different spec.")
 @click.option("--no-quota-check", is_flag=True, help="Skip the team GPU quota pre-check.")
+@click.option("--verbose", "-v", is_flag=True, help="local: print every log line (default: hide known-harmless "
+              "library warnings and lines repeated by every rank).")
 def submit(spec_path: str, cluster: str | None, short: str | None, sets: tuple[str, ...], profile: str | None,
            kube_context: str | None, namespace: str | None, dry_run: bool, detach: bool, force: bool,
-           no_quota_check: bool) -> None:
+           no_quota_check: bool, verbose: bool) -> None:
     """Validate, render and submit a job; the same request `render` prints.
 
     \b
@@ -223,7 +251,7 @@ def submit(spec_path: str, cluster: str | None, short: str | None, sets: tuple[s
     if name != "local" or detach:
         click.echo(f"  follow: mbl logs -f {spec.name}    status: mbl status {spec.name}", err=True)
         return
-    sys.exit(_follow_local(backend, registry, record))
+    sys.exit(_follow_local(backend, registry, record, verbose))
 
 
 def _policy_path(explicit: str | None) -> Path | None:
@@ -259,27 +287,32 @@ def _quota_precheck(cluster: str, spec: Any, backend: Any) -> None:
     quota.precheck(spec, str(policy), usage, part)
 
 
-def _follow_local(backend: Any, registry: Any, record: Any) -> int:
-    """Foreground local job: stream its log; Ctrl-C asks it to save and stop (a second Ctrl-C detaches)."""
+def _follow_local(backend: Any, registry: Any, record: Any, verbose: bool = False) -> int:
+    """Foreground local job: its log under a live progress bar (launcher/follow.py); Ctrl-C asks it to save
+    and stop (a second Ctrl-C detaches)."""
+    from launcher.follow import Follower
+
     ref = record.ref
     deadline = time.monotonic() + 30
     while not Path(ref.extra["log"]).exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     interrupted = False
-    while True:
-        try:
-            for line in backend.logs(ref, follow=True):
-                click.echo(line, nl=False)
-            break
-        except KeyboardInterrupt:
-            if interrupted:
-                click.echo(f"\ndetached; the job goes on: mbl status {ref.name}", err=True)
-                return 130
-            interrupted = True
-            click.echo("\ninterrupt: asking the job to save a checkpoint and stop (Ctrl-C again to detach)",
-                       err=True)
-            backend.cancel(ref)
-            registry.save_extra(record, ref.extra)
+    with Follower(ref.name, ref.run_dir, verbose=verbose) as follower:
+        while True:
+            try:
+                for line in backend.logs(ref, follow=True):
+                    follower.line(line)
+                break
+            except KeyboardInterrupt:
+                if interrupted:
+                    follower.close()
+                    click.echo(f"\ndetached; the job goes on: mbl status {ref.name}", err=True)
+                    return 130
+                interrupted = True
+                click.echo("\ninterrupt: asking the job to save a checkpoint and stop (Ctrl-C again to detach)",
+                           err=True)
+                backend.cancel(ref)
+                registry.save_extra(record, ref.extra)
     rc = backend.wait(ref, timeout=60)
     status = backend.status(ref)
     click.echo(f"{ref.name}: {status.state.value}" + (f" ({status.reason or status.detail})"
@@ -293,20 +326,12 @@ def _lookup(job: str):
     return registry, record, _backend(record.backend)
 
 
-def _metrics_tail(run_dir: str) -> dict[str, Any]:
-    from launcher.contract import METRICS_FILE
+def _row(record: Any, backend: Any, registry: Any = None,
+         progress: bool = True) -> tuple[dict[str, Any], dict[str, str]]:
+    """A job's state and progress: (the fields of `-o json`, the same in words for the tables). The progress
+    is the run directory's: `progress=False` leaves it out (an older job of a run directory a newer one reuses)."""
+    from launcher.progress import Snapshot, snapshot
 
-    path = Path(run_dir) / METRICS_FILE
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(max(0, path.stat().st_size - 4096))
-            lines = fh.read().decode(errors="replace").strip().splitlines()
-        return json.loads(lines[-1]) if lines else {}
-    except (OSError, ValueError, IndexError):
-        return {}
-
-
-def _row(record: Any, backend: Any, registry: Any = None) -> dict[str, Any]:
     try:
         status = backend.status(record.ref)
         state, reason = status.state.value, status.reason or status.detail
@@ -316,58 +341,129 @@ def _row(record: Any, backend: Any, registry: Any = None) -> dict[str, Any]:
         if status.state.finished and "ended_at" not in record.extra and registry is not None:
             # First seen finished: the registry's GPU-hour report (Kubernetes keeps no accounting) ends here.
             registry.save_extra(record, {**record.extra, "ended_at": time.time()})
-    last = _metrics_tail(record.run_dir)
-    return {
+    now, running = time.time(), state == "RUNNING"
+    snap = snapshot(record.run_dir) if progress else Snapshot()
+    fields, words = snap.fields(now, running), snap.words(now, running)
+    row = {
         "name": record.name, "backend": record.backend, "job_id": record.job_id, "state": state,
-        "reason": reason, "team": record.team, "kind": record.kind, "gpus": record.gpus,
-        "step": last.get("step"), "loss": last.get("loss"),
+        "reason": reason, "team": record.team, "kind": record.kind, "gpus": record.gpus, **fields,
         "submitted": time.strftime("%Y-%m-%d %H:%M", time.localtime(record.submitted_at)),
         "run_dir": record.run_dir,
     }
+    words = {**{k: "" if v is None else str(v) for k, v in row.items()}, **words,
+             "reason": "; ".join(x for x in (reason, words["note"]) if x)}
+    if snap.evaluation:
+        e = snap.evaluation
+        from launcher.progress import number
+
+        values = ", ".join(f"{k} {number(v)}" for k, v in e.items()
+                           if isinstance(v, (int, float)) and k not in ("step",))
+        words["eval"] = f"{e.get('split', 'eval')} {values} (step {e.get('step')})"
+    return row, words
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+# The columns of `mbl status` (every job) and `mbl list`: state, how far, how fast, when done, what was saved.
+PROGRESS_COLUMNS = [("step", "STEP"), ("percent", "%"), ("loss", "LOSS"), ("tokens_per_s", "TOK/S"),
+                    ("eta", "ETA"), ("checkpoint", "CKPT STEP"), ("attempt", "ATTEMPT")]
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str | tuple[str, str]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
-    for column in columns:
-        table.add_column(column.upper())
+    pairs = [c if isinstance(c, tuple) else (c, c.upper()) for c in columns]
+    for _key, header in pairs:
+        table.add_column(header)
     for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c, _header in pairs))
     console = Console()
     if not console.is_terminal:  # piped or captured: don't cut names to 80 columns
         console = Console(width=max(console.width, 200))
     console.print(table)
 
 
+def _status_card(row: dict[str, Any], words: dict[str, str]) -> None:
+    """One job, for people: a two-column table of its state and progress, then its summary when done."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from launcher.summary import read_summary, summary_rows
+
+    def pct(w: dict[str, str]) -> str:
+        return f"{w['step']} ({w['percent']})" if w["percent"] else w["step"]
+
+    lines = [
+        ("job", f"{row['name']}   ({row['backend']} job {row['job_id']}, {row['kind']}, team {row['team']})"),
+        ("state", row["state"] + (f"   attempt {words['attempt']}" if words["attempt"] else "")
+         + (f"   ({row['reason']})" if row["reason"] else "")),
+        ("step", pct(words)),
+        ("training loss", words["loss"] + (f"   (lr {words['lr']})" if words["lr"] else "")),
+        ("last evaluation", words.get("eval", "")),
+        ("speed", f"{words['tokens_per_s']} tokens/s" if words["tokens_per_s"] else ""),
+        ("ETA", words["eta"]),
+        ("checkpoint", f"step {words['checkpoint']}" if words["checkpoint"] else ""),
+        ("note", words["note"]),
+        ("run dir", row["run_dir"]),
+    ]
+    table = Table(box=None, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for label, value in lines:
+        if value:
+            table.add_row(label, value, style="yellow" if label == "note" else None)
+    summary = read_summary(row["run_dir"]) if row["state"] == "COMPLETED" else None
+    if summary:
+        table.add_row("", "")
+        table.add_row("summary", "")
+        for label, value in summary_rows(summary):
+            table.add_row(f"  {label}", value)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 200))
+    console.print(table)
+
+
+def _rows(cluster: str | None, limit: int) -> list[tuple[dict[str, Any], dict[str, str]]]:
+    from launcher.backends import get_backend
+
+    registry = _registry()
+    backends: dict[str, Any] = {}
+    out, seen = [], set()
+    for record in registry.list(backend=cluster, limit=limit):  # newest first
+        backend = backends.setdefault(record.backend, get_backend(record.backend))
+        out.append(_row(record, backend, registry, progress=record.run_dir not in seen))
+        seen.add(record.run_dir)
+    return out
+
+
 @cli.command()
 @click.argument("job", required=False)
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
 def status(job: str | None, output: str) -> None:
-    """State of one job (by name or cluster id), or of the newest jobs.
+    """State and progress of one job (by name or cluster id), or of the newest jobs.
 
     \b
+    Shows the state (for a pending job, why it waits), step/total, percent, training loss, tokens/s,
+    ETA, the newest checkpoint and its age, the attempt, and flags a running job whose metrics stopped
+    moving for much longer than usual as possibly stuck. `-o json` has the same fields as numbers.
     Example:
       mbl status tiny-pretrain
       mbl status -o json
     """
     if job:
         registry, record, backend = _lookup(job)
-        rows = [_row(record, backend, registry)]
-    else:
-        from launcher.backends import get_backend
-
-        registry = _registry()
-        backends: dict[str, Any] = {}
-        rows = []
-        for record in registry.list(limit=20):
-            backend = backends.setdefault(record.backend, get_backend(record.backend))
-            rows.append(_row(record, backend, registry))
-    if output == "json":
-        click.echo(json.dumps(rows if not job else rows[0], indent=2))
+        row, words = _row(record, backend, registry)
+        if output == "json":
+            click.echo(json.dumps(row, indent=2))
+        else:
+            _status_card(row, words)
         return
-    _table(rows, ["name", "backend", "job_id", "state", "reason", "step", "loss", "run_dir"])
+    rows = _rows(None, 20)
+    if output == "json":
+        click.echo(json.dumps([r for r, _w in rows], indent=2))
+        return
+    _table([w for _r, w in rows], ["name", "backend", "job_id", "state", *PROGRESS_COLUMNS, ("reason", "REASON")])
 
 
 @cli.command(name="list")
@@ -375,38 +471,38 @@ def status(job: str | None, output: str) -> None:
 @click.option("--cluster", "-c", type=click.Choice(CLUSTERS), default=None, help="Only jobs of this backend.")
 @click.option("--limit", type=int, default=50, show_default=True)
 def list_(output: str, cluster: str | None, limit: int) -> None:
-    """Submitted jobs, newest first, with their current state."""
-    from launcher.backends import get_backend
-
-    registry = _registry()
-    backends: dict[str, Any] = {}
-    rows = []
-    for record in registry.list(backend=cluster, limit=limit):
-        backend = backends.setdefault(record.backend, get_backend(record.backend))
-        rows.append(_row(record, backend, registry))
+    """Submitted jobs, newest first, with their state and progress."""
+    rows = _rows(cluster, limit)
     if output == "json":
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps([r for r, _w in rows], indent=2))
         return
-    _table(rows, ["name", "backend", "job_id", "state", "team", "kind", "gpus", "submitted"])
+    _table([w for _r, w in rows], ["name", "backend", "job_id", "state", *PROGRESS_COLUMNS, "team", "submitted",
+                                   ("reason", "REASON")])
 
 
 @cli.command()
 @click.argument("job")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing as the job writes.")
 @click.option("--rank", type=int, default=None, help="k8s: the pod of this rank (default: the master).")
-def logs(job: str, follow: bool, rank: int | None) -> None:
-    """Print a job's log (the current attempt).
+@click.option("--verbose", "-v", is_flag=True, help="Every line (default: hide known-harmless library warnings "
+              "and lines repeated by every rank; the log file keeps them).")
+def logs(job: str, follow: bool, rank: int | None, verbose: bool) -> None:
+    """Print a job's log (the current attempt); with -f, follow it under a live progress bar.
 
     \b
     Example:
-      mbl logs -f tiny-pretrain
+      mbl logs -f tiny-pretrain          # Ctrl-C stops following, not the job
+      mbl logs -v tiny-pretrain > all.log
     """
+    from launcher.follow import Follower
+
     _registry_, record, backend = _lookup(job)
-    try:
-        for line in backend.logs(record.ref, follow=follow, rank=rank):
-            click.echo(line, nl=not line.endswith("\n"))
-    except KeyboardInterrupt:
-        pass
+    with Follower(record.name, record.run_dir, verbose=verbose, live=None if follow else False) as follower:
+        try:
+            for line in backend.logs(record.ref, follow=follow, rank=rank):
+                follower.line(line)
+        except KeyboardInterrupt:
+            pass
 
 
 @cli.command()
@@ -447,6 +543,12 @@ def export(run_dir: str, onnx: bool, quantize: str) -> None:
     Example:
       mbl export runs/tiny-finetune --onnx --quantize int8
     """
+    if not onnx:
+        what = "--quantize int8 quantizes the ONNX export, and --onnx is missing" if quantize != "none" else \
+            "nothing to export: no export flag given"
+        raise UsageError(what, hint="the flags: --onnx (final/ to ONNX, checked against PyTorch), --quantize int8 "
+                                    "(with --onnx: a dynamically quantized copy too); e.g. mbl export "
+                                    f"{run_dir} --onnx --quantize int8")
     cmd = [sys.executable, "-m", "jobs.export", run_dir]
     if onnx:
         cmd.append("--onnx")
@@ -455,6 +557,49 @@ def export(run_dir: str, onnx: bool, quantize: str) -> None:
     rc = subprocess.call(cmd)
     if rc:
         sys.exit(rc if rc < 256 else 1)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, metavar="RUN...")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default="mbl-plot.png", show_default=True,
+              help="The PNG to write.")
+def plot(runs: tuple[str, ...], out: str) -> None:
+    """A PNG of training loss, evaluations, tokens/s and learning rate of runs, to compare them at a glance.
+
+    \b
+    RUN is a run directory or the name of a submitted job. For interactive curves, TensorBoard reads
+    each run's tb/ folder: tensorboard --logdir runs/
+    Example:
+      mbl plot runs/tiny-pretrain runs/tiny-finetune -o curves.png
+    """
+    from launcher.plot import plot as draw
+
+    found = []
+    for run in runs:
+        path = Path(run)
+        if path.is_dir():
+            found.append((_run_label(path), path))
+            continue
+        try:
+            record = _registry().get(run)
+        except MblError:
+            raise UsageError(f"{run}: neither a run directory nor a submitted job",
+                             hint="give a run directory (runs/NAME) or a name from `mbl list`") from None
+        found.append((record.name, Path(record.run_dir)))
+    click.echo(f"wrote {draw(found, Path(out))}")
+
+
+def _run_label(run_dir: Path) -> str:
+    """The job name of a run directory's spec, else the directory's name."""
+    import yaml
+
+    from launcher.contract import SPEC_FILE
+
+    try:
+        name = (yaml.safe_load((run_dir / SPEC_FILE).read_text()) or {}).get("name")
+    except (OSError, yaml.YAMLError, AttributeError):
+        name = None
+    return str(name or run_dir.resolve().name)
 
 
 # ---- quotas --------------------------------------------------------------------------------------

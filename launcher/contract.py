@@ -5,7 +5,7 @@ The run directory on shared storage looks like this:
     <run_dir>/
       spec.yaml            the resolved spec the job runs (written by `mbl submit`)
       logs/                one log per attempt (local: local-<n>.log; Slurm: attempt-<n>.log), and
-                           outcome-<job>-<attempt>.<host>.json: how each node's attempt ended (launcher/outcomes.py)
+                           outcome-<job>-<attempt>.<host>-<pid>.json: how each node's attempt ended (launcher/outcomes.py)
       lease/               the trainer's lease: which job writes here now (jobs/lease.py)
       data/                packed token shards when a pretrain prepares its own data
       checkpoints/step-NNNNNNNN/   complete checkpoints (a COMPLETE marker inside)

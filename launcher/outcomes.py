@@ -19,7 +19,7 @@ How an attempt ended -> outcome (the first row that matches):
 |   fewer than max_restarts such restarts of this job so far             |         |      |
 | any other failure                                                       | failed  | 1    |
 
-Each node records its outcome in `<run_dir>/logs/outcome-<job>-<attempt>.<host>.json`.
+Each node records its outcome in `<run_dir>/logs/outcome-<job>-<attempt>.<host>-<pid>.json`.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def write_record(run_dir: Path, record: dict) -> None:
     try:
         logs.mkdir(parents=True, exist_ok=True)
         job = re.sub(r"[^A-Za-z0-9_.-]", "_", str(record["job"]))
-        path = logs / f"{OUTCOME_PREFIX}{job}-{record['attempt']}.{record['host']}.json"
+        node = f"{record['host']}-{record.get('pid', os.getpid())}"  # two nodes may share a host name (containers)
+        path = logs / f"{OUTCOME_PREFIX}{job}-{record['attempt']}.{node}.json"
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(record) + "\n")
         os.replace(tmp, path)

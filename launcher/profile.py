@@ -26,6 +26,9 @@ class SlurmProfile(Strict):
     version: str = Field("23.11", description="Slurm version (decides how GPUs are requested).")
     partitions: list[Partition] = Field(default_factory=list)
     default_account: str | None = None
+    accounts: dict[str, str] = Field(
+        default_factory=dict, description="Team -> Slurm account, where they differ (a spec's team `default`, "
+        "the one it has when it names none, included): slurm.account, else this, else default_account, else the team.")
     default_qos: str | None = None
     container_runtime: Literal["pyxis", "apptainer", "oci", "none"] = Field(
         "pyxis", description="pyxis/enroot, apptainer, oci (Slurm's own OCI containers: oci.conf + runc, "

@@ -9,6 +9,7 @@ start=$(date +%s)
 .venv/bin/mbl submit examples/pretrain-tiny.yaml "$@"
 .venv/bin/mbl submit examples/finetune-tiny.yaml "$@"
 .venv/bin/mbl list
+.venv/bin/mbl plot runs/tiny-pretrain runs/tiny-finetune -o runs/main-job.png   # the curves of both runs
 .venv/bin/python - "$(( $(date +%s) - start ))" <<'PY'
 import json, sys
 pre = json.load(open("runs/tiny-pretrain/summary.json"))

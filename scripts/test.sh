@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Everything the tests need, then the tests: the Python environment, the local Slurm cluster, pytest.
+# Everything the tests need, then the tests: the Python environment, the trainer image (podman, cached),
+# the local Slurm cluster, pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+export CONTAINERS_CONF="${CONTAINERS_CONF:-$PWD/images/containers.conf}"
+MBL_IMAGE="$(./images/setup.sh)"
 ./slurm/dev/up.sh
 # shellcheck disable=SC1091
 source "${MBL_SLURM_DIR:-/tmp/mbl-slurm}/env.sh"
-export MBL_REQUIRE_SLURM=1
+export MBL_REQUIRE_SLURM=1 MBL_REQUIRE_CONTAINERS=1 MBL_IMAGE
 exec .venv/bin/python -m pytest -ra --durations=15 "$@"

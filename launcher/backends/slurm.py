@@ -11,6 +11,7 @@ submitit is not used: the job runs torchrun per node (not a pickled Python calla
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ from typing import Iterator
 from launcher.backends.base import Backend, JobRef, JobState, JobStatus, Request
 from launcher.backends.slurm_render import SCRIPT_FILE, script
 from launcher.contract import DONE_FILE, LOGS_DIR, SPEC_FILE
-from launcher.errors import BackendError
+from launcher.errors import BackendError, MblError, UsageError
 from launcher.outcomes import last_outcome
 from launcher.spec import JobSpec
 
@@ -89,6 +90,48 @@ PENDING_REASONS: dict[str, str] = {
 }
 
 _JOB_ID = re.compile(r"^\d+(_\d+)?$")
+
+# sbatch's refusals that a choice fixes: a text of its message -> which choice.
+SBATCH_REFUSALS: dict[str, str] = {
+    "Invalid account or account/partition combination": "account",
+    "Invalid account": "account",
+    "invalid partition specified": "partition",
+    "Invalid partition name specified": "partition",
+    "Requested node configuration is not available": "nodes",
+    "Memory specification can not be satisfied": "nodes",
+}
+
+
+def refusal_kind(message: str) -> str | None:
+    """The SBATCH_REFUSALS key found in sbatch's message, else None."""
+    return next((key for key in SBATCH_REFUSALS if key.lower() in message.lower()), None)
+
+
+def parse_accounts(text: str) -> list[str]:
+    """`sacctmgr -n -P show associations where user=U format=account` -> the accounts, sorted, once each."""
+    return sorted({line.strip() for line in text.splitlines() if line.strip()})
+
+
+def parse_sinfo(text: str) -> list[dict]:
+    """`sinfo -h --format=%P|%c|%m|%G` -> [{partition, default, cpus, memory, gres}] (memory in MB as "4000M")."""
+    rows = []
+    for row in parse_rows(text, ["partition", "cpus", "memory", "gres"]):
+        name = row["partition"]
+        rows.append({"partition": name.rstrip("*"), "default": name.endswith("*"), "cpus": row["cpus"],
+                     "memory": f"{row['memory']}M" if row["memory"].isdigit() else row["memory"],
+                     "gres": row["gres"] if row["gres"] not in ("", "(null)") else "no GPUs"})
+    return rows
+
+
+def account_source(spec: JobSpec, profile) -> str:
+    """Where the account of launcher.backends.slurm_render.account came from, in words."""
+    if spec.slurm.account:
+        return "slurm.account"
+    if spec.team in profile.accounts:
+        return f"the cluster profile's account of team {spec.team!r}"
+    if profile.default_account:
+        return "the cluster profile's default_account"
+    return "the spec names no team" if spec.team == "default" else f"the account of team {spec.team!r}"
 
 
 def parse_state(text: str) -> JobState:
@@ -224,10 +267,7 @@ class SlurmBackend(Backend):
         tmp.replace(path)
         proc = self._run(request.command, check=False)
         if proc.returncode != 0:
-            raise BackendError(
-                f"sbatch refused the job: {proc.stderr.strip() or proc.stdout.strip()}",
-                hint=f"see the script with `mbl render --slurm`; it is at {path}",
-            )
+            raise self._refusal(proc.stderr.strip() or proc.stdout.strip(), spec, path)
         job_id = proc.stdout.strip().splitlines()[-1].split(";")[0] if proc.stdout.strip() else ""
         if not _JOB_ID.match(job_id):
             raise BackendError(f"sbatch --parsable printed no job id: {proc.stdout!r}")
@@ -237,6 +277,48 @@ class SlurmBackend(Backend):
         if os.environ.get("SLURM_CONF"):
             extra["slurm_conf"] = os.environ["SLURM_CONF"]
         return JobRef(self.name, job_id, spec.name, spec.run_dir, extra)
+
+    def _refusal(self, message: str, spec: JobSpec, script_path: Path) -> MblError:
+        """sbatch's refusal, with what to choose instead where Slurm can tell: the accounts this user may
+        charge, the partitions, what the nodes have. Those are bad input (exit 2); anything else fails (1)."""
+        from launcher.backends.slurm_render import account, partition, sbatch_options
+
+        what = SBATCH_REFUSALS.get(refusal_kind(message))
+        if what is None:
+            return BackendError(f"sbatch refused the job: {message}",
+                                hint=f"see the script with `mbl render --slurm`; it is at {script_path}")
+        profile = self.profile.slurm
+        try:
+            if what == "account":
+                user = getpass.getuser()
+                proc = self._run(["sacctmgr", "--noheader", "--parsable2", "show", "associations",
+                                  "where", f"user={user}", "format=account"], check=False)
+                choices = ", ".join(parse_accounts(proc.stdout)) or "none"
+                charged = account(spec, profile)
+                return UsageError(
+                    f"sbatch refused account {charged!r} ({account_source(spec, profile)}): {message}",
+                    hint=f"accounts {user} may use: {choices}; set team: or slurm.account to one of them "
+                         "(--set team=NAME), or map the team to one in the cluster profile (slurm.accounts)")
+            proc = self._run(["sinfo", "--noheader", "--format=%P|%c|%m|%G"], check=False)
+            nodes = parse_sinfo(proc.stdout)
+            if what == "partition":
+                names = ", ".join(f"{p}{' (default)' if d else ''}" for p, d in
+                                  dict.fromkeys((n["partition"], n["default"]) for n in nodes)) or "none"
+                return UsageError(
+                    f"sbatch refused partition {partition(spec, profile)!r}: {message}",
+                    hint=f"partitions: {names}; set slurm.partition to one of them, or list them in the "
+                         "cluster profile (slurm.partitions)")
+            opts = sbatch_options(spec, profile)
+            have = "; ".join(f"partition {n['partition']}: {n['cpus']} CPUs, {n['memory']} memory, {n['gres']}"
+                             for n in nodes) or "sinfo lists no nodes"
+            gpus = opts.get("gpus-per-node") or opts.get("gres", "")
+            return UsageError(
+                f"no node can hold one node of this job ({opts['cpus-per-task']} CPUs, {opts['mem']} memory, "
+                f"GPUs {gpus}): {message}",
+                hint=f"the nodes have: {have}; lower resources.cpus_per_gpu, resources.mem_per_node or "
+                     "distributed.gpus_per_node")
+        except MblError as exc:  # sacctmgr or sinfo did not answer: the refusal alone
+            return BackendError(f"sbatch refused the job: {message}", hint=f"({exc}) see the script at {script_path}")
 
     # ---- following ----------------------------------------------------------------------------
 

@@ -55,7 +55,8 @@ def runtime(spec: JobSpec, profile: SlurmProfile) -> str:
 
 
 def account(spec: JobSpec, profile: SlurmProfile) -> str:
-    return spec.slurm.account or profile.default_account or spec.team
+    """slurm.account, else the profile's account of the team, else the profile's default account, else the team."""
+    return spec.slurm.account or profile.accounts.get(spec.team) or profile.default_account or spec.team
 
 
 def partition(spec: JobSpec, profile: SlurmProfile) -> str | None:

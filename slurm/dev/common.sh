@@ -36,6 +36,8 @@ DB_RUN="$RUNDIR/mysqld"
 DB_SOCK="$DB_RUN/mysqld.sock"
 DB_PIDFILE="$DB_RUN/mysqld.pid"
 MARKER="$DIR/.mbl-slurm-dir"
+SHARED="$DIR/shared"  # the "shared storage" of container jobs (make_dev_profile.py --runtime oci)
+DEV_USER="${MBL_SLURM_DEV_USER:-mbluser}"
 MUNGE_PIDFILE="/run/munge/munged.pid"
 
 log() { printf '[mbl-slurm] %s\n' "$*"; }
