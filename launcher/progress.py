@@ -300,13 +300,16 @@ class Tracker:
         return rows
 
     def _checkpoint(self) -> None:
-        path = self.run_dir / contract.LATEST_FILE
+        from launcher.outcomes import newest_step
+
+        step = newest_step(self.run_dir)
+        if step is None:
+            return
         try:
-            name = path.read_text().strip()
-            self.state.checkpoint_step = int(name.rsplit("-", 1)[1])
-            self.state.checkpoint_time = path.stat().st_mtime
-        except (OSError, ValueError, IndexError):
-            pass
+            self.state.checkpoint_time = (self.run_dir / contract.LATEST_FILE).stat().st_mtime
+        except OSError:
+            return
+        self.state.checkpoint_step = step
 
     def _lease(self) -> None:
         from launcher.rundir import current_lease
