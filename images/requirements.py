@@ -1,4 +1,5 @@
-"""The image's pip requirements: pyproject.toml's dependencies and those of its trainer extra, one a line.
+"""The image's pip requirements: pyproject.toml's dependencies and those of its trainer and tracking extras,
+one a line.
 
     python3 images/requirements.py pyproject.toml > requirements.txt
 
@@ -12,7 +13,7 @@ import sys
 import tomllib
 
 
-def requirements(path: str, extras: tuple[str, ...] = ("trainer",)) -> list[str]:
+def requirements(path: str, extras: tuple[str, ...] = ("trainer", "tracking")) -> list[str]:
     with open(path, "rb") as f:
         project = tomllib.load(f)["project"]
     return [*project["dependencies"], *(r for e in extras for r in project["optional-dependencies"][e])]

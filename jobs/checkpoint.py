@@ -12,9 +12,22 @@ one as it goes (DeepSpeed's writes are routed through the same writer), and repo
 rank 0. Rank 0 writes the manifest and the marker, renames the folder to `step-N`, replaces `latest`
 (tmp file + os.replace) and only then deletes older checkpoints (keep_last newest plus the best one).
 
+A save in the background (checkpoint.async_save, the periodic saves) blocks training only while the state is
+copied to host memory (jobs/snapshot.py: DeepSpeed's state dicts as its checkpoint engine receives them, this
+rank's data position and RNG states, the trainer state): then a thread of each rank writes, hashes and fsyncs
+those files, the ranks agree on a process group of their own (gloo) and rank 0 commits exactly as above,
+while training goes on. So `latest` moves only once every file of every rank is durable; a kill at any
+point of the background write leaves the previous checkpoint `latest`. One save is in flight at most: a new
+save first waits for the one being written. At every step boundary `poll()` (one small all_reduce, only while
+a write is in flight) lets the ranks see together that their writes are over, and a save that failed raises
+there; `wait()` does the same at once, blocking: before a preemption save (which blocks until durable, as
+the saves with async_save false do) and at the end of the run. The files are the same, byte for byte, as a
+blocking save writes.
+
 A failed write on any rank (ENOSPC, EDQUOT, ...) is seen by every rank at the next agreement point: the
 temporary folder is removed, the previous checkpoint stays intact and `latest`, and every rank raises
-CheckpointError, which the trainer prints as one message with the fix (exit code 1).
+CheckpointError, which the trainer prints as one message with the fix (exit code 1). For a save in the
+background that agreement point is the step boundary where the ranks see its write end, or the next save.
 
 Fault injection, for tests: MBL_FAULT_AT=<point>[@<step>] makes rank MBL_FAULT_RANK (default 0) SIGKILL
 itself at that point of the save sequence (MBL_FAULT_KILL=group: its whole process group, i.e. the whole
@@ -23,6 +36,8 @@ MBL_FAULT_SAVE_DELAY=<seconds>[@<step>] makes rank MBL_FAULT_RANK sleep that lon
 step, or of that step only), once the temporary folder exists and before DeepSpeed writes; it prints a line
 saying so. A slow save on a slow file system, to show that the ranks get their save window after a stop
 signal before anyone kills them. The other ranks wait for it in the save's next collective.
+MBL_FAULT_WRITE_DELAY=<seconds>[@<step>] does the same inside a background write, before its first file: a
+slow background write while training goes on (the fault points from deepspeed-file on are in that thread).
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +61,7 @@ import torch.distributed as dist
 
 from jobs.data import file_sha256
 from jobs.errors import ResumeError
+from jobs.snapshot import HostPool, Snapshot
 from launcher import contract
 from launcher.errors import MblError
 
@@ -56,7 +73,7 @@ DEL_PREFIX = ".del-"  # a checkpoint being deleted: moved out of the step-* name
 FAULT_POINTS = {
     "begin": "temporary folder ready, nothing written",
     "deepspeed-file": "the first of this rank's DeepSpeed files written, the others not",
-    "deepspeed": "DeepSpeed's files of every rank written",
+    "deepspeed": "this rank's DeepSpeed files written (every rank's, in a blocking save)",
     "rank-state": "this rank's data position and RNG states written",
     "trainer-state": "trainer_state.json written (rank 0), other ranks may still be writing",
     "gathered": "every rank's files written and fsynced, sizes and digests on rank 0; no manifest",
@@ -111,25 +128,49 @@ def set_rng_state(state: dict) -> None:
 
 class _HashingWriter:
     """Write-only file object that counts and hashes what passes through and keeps the OSError it hit
-    (torch.save turns a failed write into an opaque RuntimeError)."""
+    (torch.save turns a failed write into an opaque RuntimeError). A large write (torch.save writes each tensor
+    storage at once) is cut into chunks, each hashed by a helper thread while this one writes it: both release
+    the GIL, so where a second core is free the hashing costs no time."""
+
+    CHUNK = 8 << 20
 
     def __init__(self, f):
         import hashlib
 
         self._f, self._h, self.bytes, self.error = f, hashlib.sha256(), 0, None
+        self._hasher = None  # a ThreadPoolExecutor of one thread, from the first large write on
 
     def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        n = view.nbytes
         try:
-            n = self._f.write(data)
+            if n <= self.CHUNK:
+                self._f.write(view)
+                self._h.update(view)
+            else:
+                if self._hasher is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self._hasher = ThreadPoolExecutor(1, thread_name_prefix="mbl-sha256")
+                for start in range(0, n, self.CHUNK):
+                    chunk = view[start:start + self.CHUNK]
+                    hashed = self._hasher.submit(self._h.update, chunk)
+                    try:
+                        self._f.write(chunk)
+                    finally:
+                        hashed.result()
         except OSError as exc:
             self.error = exc
             raise
-        self._h.update(data)
-        self.bytes += memoryview(data).nbytes
+        self.bytes += n
         return n
 
     def flush(self) -> None:
         self._f.flush()
+
+    def close(self) -> None:
+        if self._hasher is not None:
+            self._hasher.shutdown()
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
@@ -142,7 +183,10 @@ def write_file(path: Path, fill) -> dict:
     try:
         with open(path, "wb") as f:
             writer = _HashingWriter(f)
-            fill(writer)
+            try:
+                fill(writer)
+            finally:
+                writer.close()
             f.flush()
             os.fsync(f.fileno())
     except Exception as exc:
@@ -179,19 +223,42 @@ def _size(n: float) -> str:
     return ""
 
 
+class _Write:
+    """One save of this rank: its files (written, or queued for the background thread) and its outcome."""
+
+    def __init__(self, step: int, tmp: Path, final: Path, state: dict, t0: float, snapshot: Snapshot | None):
+        self.step, self.tmp, self.final, self.state, self.t0, self.snapshot = step, tmp, final, state, t0, snapshot
+        # queued for the thread: (path or None for a fault point alone, fill(file), the fault point after it)
+        self.files: list[tuple[Path | None, object, str | None]] = []
+        self.written: dict[Path, dict | None] = {}  # path -> its manifest entry (None: hashed at the commit)
+        self.errors: list[tuple[Path, BaseException]] = []
+        self.thread: threading.Thread | None = None
+        self.blocked = self.seconds = 0.0
+        self.error: CheckpointError | None = None
+
+    def host(self, obj):
+        """obj, or its host copy in a background save."""
+        return obj if self.snapshot is None else self.snapshot.copy(obj)
+
+
 class Checkpointer:
     """Saving, finding and loading checkpoints of one run directory, on every rank."""
 
-    def __init__(self, run_dir: Path, spec, rank: int, world: int, log=print):
+    def __init__(self, run_dir: Path, spec, rank: int, world: int, log=print, device=None):
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / contract.CHECKPOINTS_DIR
         self.spec, self.rank, self.world, self.log = spec, rank, world, log
-        self.save_seconds: float | None = None  # measured; used by the deadline check
+        self.device = device if device is not None else torch.device("cpu")  # the engine's: poll()'s all_reduce
+        self.save_seconds: float | None = None  # measured, start to durable; used by the deadline check
         self.before_commit = None  # rank 0: called before a checkpoint is committed; raises to refuse it
         self.greater_is_better = False
         self._fault_at = self._parse_fault(os.environ.get("MBL_FAULT_AT", ""))
         self._fault_rank = int(os.environ.get("MBL_FAULT_RANK", "0"))
-        self._save_delay = self._parse_delay(os.environ.get("MBL_FAULT_SAVE_DELAY", ""))
+        self._save_delay = self._parse_delay("MBL_FAULT_SAVE_DELAY")
+        self._write_delay = self._parse_delay("MBL_FAULT_WRITE_DELAY")
+        self._pool = HostPool()  # host buffers of the background saves, reused from one save to the next
+        self._group = None  # the background writers' process group (gloo), made at the first background save
+        self._job: _Write | None = None  # the background save in flight
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -207,26 +274,30 @@ class Checkpointer:
         return point, int(at) if at else None
 
     @staticmethod
-    def _parse_delay(value: str) -> tuple[float, int | None] | None:
+    def _parse_delay(name: str) -> tuple[float, int | None] | None:
+        value = os.environ.get(name, "")
         if not value:
             return None
         seconds, _, at = value.partition("@")
         try:
             delay = float(seconds), int(at) if at else None
         except ValueError:
-            raise ValueError(f"MBL_FAULT_SAVE_DELAY={value!r}: expected <seconds>[@<step>]") from None
+            raise ValueError(f"{name}={value!r}: expected <seconds>[@<step>]") from None
         return delay if delay[0] > 0 else None
 
-    def _delay(self, step: int) -> None:
-        if self._save_delay is None or self.rank != self._fault_rank:
+    def _delay(self, step: int, background: bool = False) -> None:
+        delay = self._write_delay if background else self._save_delay
+        if delay is None or self.rank != self._fault_rank:
             return
-        seconds, at = self._save_delay
+        seconds, at = delay
         if at is not None and at != step:
             return
-        print(f"[mbl] MBL_FAULT_SAVE_DELAY: rank {self.rank} sleeps {seconds:g}s inside the save of step {step} "
+        name, where = (("MBL_FAULT_WRITE_DELAY", "the background write") if background
+                       else ("MBL_FAULT_SAVE_DELAY", "the save"))
+        print(f"[mbl] {name}: rank {self.rank} sleeps {seconds:g}s inside {where} of step {step} "
               "(temporary folder ready, nothing written)", flush=True)
         time.sleep(seconds)  # a stop signal runs its handler (sets the flag) and the sleep goes on (PEP 475)
-        print(f"[mbl] MBL_FAULT_SAVE_DELAY: rank {self.rank} goes on with the save of step {step}", flush=True)
+        print(f"[mbl] {name}: rank {self.rank} goes on with {where} of step {step}", flush=True)
 
     def _fault(self, point: str, step: int) -> None:
         if self._fault_at is None or self.rank != self._fault_rank:
@@ -243,9 +314,15 @@ class Checkpointer:
 
     # ---- saving -----------------------------------------------------------------------------------
 
-    def save(self, engine, state: dict, rank_state: dict) -> Path:
-        """Collective: every rank calls it at the same step. Returns the final folder; raises CheckpointError
-        on every rank when a write failed anywhere (the previous checkpoint is left as it was)."""
+    def save(self, engine, state: dict, rank_state: dict, background: bool = False) -> Path:
+        """Collective: every rank calls it at the same step, with the same `background`. Returns the final
+        folder. First waits for a save still being written (and raises its error).
+
+        background=False: returns once the checkpoint is complete and `latest`. background=True: returns once
+        the state is copied to host memory; a thread writes and commits it while training goes on, and
+        `poll()` or `wait()` sees it end. Raises CheckpointError on every rank when a write failed anywhere
+        (the previous checkpoint is left as it was): here, or for a background save, where it ends."""
+        self.wait()
         t0 = time.time()
         step = state["step"]
         name = step_name(step)
@@ -263,26 +340,121 @@ class Checkpointer:
         self._fault("begin", step)
         self._delay(step)
 
-        written: dict[Path, dict | None] = {}
-        errors: list[tuple[Path, BaseException]] = []
-        with self._route_deepspeed_writes(engine, written, errors, step):
+        job = _Write(step, tmp, final, state, t0, Snapshot(self._pool) if background else None)
+        with self._route_deepspeed_writes(engine, job):
             engine.save_checkpoint(str(self.dir), tag=tmp.name, save_latest=False)
-        if not errors:
-            self._fault("deepspeed", step)
-            path = tmp / f"rank-{self.rank:05d}.pt"
+        self._add(job, None, None, "deepspeed")
+        path = tmp / f"rank-{self.rank:05d}.pt"
+        try:
+            payload = job.host({**rank_state, "rng": rng_state()})
+            self._add(job, path, lambda f: torch.save(payload, f), "rank-state")
+        except Exception as exc:  # noqa: BLE001 - no host memory for the copy: reported like a failed write
+            job.errors.append((path, exc))
+        if self.rank == 0:
+            blob = json.dumps(state, indent=1).encode()
+            self._add(job, tmp / STATE_FILE, lambda f: f.write(blob), "trainer-state")
+        if not background:
+            self._conclude(job, group=None)
+            self.save_seconds = time.time() - t0
+            self.log(f"checkpoint step {step} saved in {self.save_seconds:.1f}s")
+            return final
+        job.snapshot.ready()  # the copies are in host memory: training may change the state from here on
+        job.blocked = time.time() - t0
+        if self._group is None:  # collective: every rank makes it at the same (first) background save
+            self._group = dist.new_group(backend="gloo", timeout=self._timeout())
+        job.thread = threading.Thread(target=self._write_in_background, args=(job,), daemon=True,
+                                      name=f"mbl-checkpoint-{step}")
+        self._job = job
+        job.thread.start()
+        return final
+
+    def _timeout(self):
+        """The spec's collective timeout (distributed.collective_timeout_seconds), as the default group has it."""
+        from datetime import timedelta
+
+        seconds = getattr(getattr(self.spec, "distributed", None), "collective_timeout_seconds", None)
+        return timedelta(seconds=seconds) if seconds else None
+
+    def poll(self) -> None:
+        """Collective, at a step boundary: when a background save is in flight and every rank's write of it is
+        over, end it (log it, or raise its CheckpointError on every rank). One all_reduce, only while one is
+        in flight."""
+        job = self._job
+        if job is None:
+            return
+        done = torch.tensor([0 if job.thread.is_alive() else 1], dtype=torch.int32, device=self.device)
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if done.item():
+            self._end(job)
+
+    def wait(self) -> None:
+        """Every rank at the same point: block until the background save in flight, if any, is durable and
+        `latest` (or raise its CheckpointError on every rank)."""
+        job = self._job
+        if job is not None:
+            job.thread.join()
+            self._end(job)
+
+    @property
+    def in_flight(self) -> int | None:
+        """The step of the background save being written, if any."""
+        return self._job.step if self._job is not None else None
+
+    def _end(self, job: _Write) -> None:
+        self._job = None
+        job.snapshot.release()
+        if job.error is not None:
+            raise job.error
+        self.save_seconds = job.seconds
+        self.log(f"checkpoint step {job.step} saved in {job.seconds:.1f}s (written in the background; training "
+                 f"was blocked {job.blocked:.1f}s for the copy of {job.snapshot.nbytes / 1e9:.2f} GB to host memory)")
+
+    def _write_in_background(self, job: _Write) -> None:
+        """The thread of a background save: this rank's files, then the ranks' agreement and rank 0's commit on
+        the writers' own process group. Its outcome is the same on every rank."""
+        try:
+            self._delay(job.step, background=True)
+            for path, fill, point in job.files:
+                self._write_one(job, path, fill, point)
+            self._conclude(job, group=self._group)
+        except CheckpointError as exc:
+            job.error = exc
+        except BaseException as exc:  # noqa: BLE001 - surfaces in the main thread at poll() / wait()
+            job.error = CheckpointError(
+                f"checkpoint {step_name(job.step)} could not be written: rank {self.rank}: the background write "
+                f"failed: {type(exc).__name__}: {exc}", "see the error above; start the job again to resume from "
+                "`latest`")
+        finally:
+            job.seconds = time.time() - job.t0
+
+    def _add(self, job: _Write, path: Path | None, fill, point: str | None) -> None:
+        """One file of this rank's part (path None: just the fault point): written now in a blocking save,
+        queued for the thread in a background one."""
+        if job.snapshot is not None:
+            job.files.append((path, fill, point))
+        else:
+            self._write_one(job, path, fill, point)
+
+    def _write_one(self, job: _Write, path: Path | None, fill, point: str | None) -> None:
+        """write_file, with a failure recorded instead of raised; once one failed, the rest are skipped."""
+        if job.errors:
+            return
+        if path is not None:
             try:
-                payload = {**rank_state, "rng": rng_state()}
-                written[path] = write_file(path, lambda f: torch.save(payload, f))
-                self._fault("rank-state", step)
-                if self.rank == 0:
-                    path = tmp / STATE_FILE
-                    written[path] = write_file(path, lambda f: f.write(json.dumps(state, indent=1).encode()))
-                    self._fault("trainer-state", step)
-            except Exception as exc:  # noqa: BLE001 - reported below, on every rank, as a CheckpointError
-                errors.append((path, exc))
-        problem = self._describe(*errors[0]) if errors else None
-        records = {str(p.relative_to(tmp)): info for p, info in written.items()}
-        gathered = self._gather((problem, records))
+                job.written[path] = write_file(path, fill)
+            except Exception as exc:  # noqa: BLE001 - reported once every rank is done writing
+                job.errors.append((path, exc))
+                return
+        if point is not None:
+            self._fault(point, job.step)
+
+    def _conclude(self, job: _Write, group) -> None:
+        """Collective on `group`: every rank's problems and records to rank 0, which commits; the outcome to
+        every rank. Raises the same CheckpointError on every rank when anything failed."""
+        step, tmp = job.step, job.tmp
+        problem = self._describe(*job.errors[0]) if job.errors else None
+        records = {str(p.relative_to(tmp)): info for p, info in job.written.items()}
+        gathered = self._gather((problem, records), group)
         self._raise_if([p for p, _ in gathered], step, tmp)
         self._fault("gathered", step)
 
@@ -294,54 +466,61 @@ class Checkpointer:
             try:
                 if self.before_commit is not None:
                     self.before_commit()  # the lease: a job that lost the run directory never moves `latest`
-                self._commit(tmp, final, state, files)
+                self._commit(tmp, job.final, job.state, files)
             except _Failed as failed:
                 problem = self._describe(failed.path, failed.exc)
             except MblError as exc:
                 problem = f"rank 0: {exc}"
         box = [problem]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         self._raise_if([box[0]], step, tmp)
-        self.save_seconds = time.time() - t0
-        return final
 
     @contextmanager
-    def _route_deepspeed_writes(self, engine, written: dict, errors: list, step: int):
-        """While DeepSpeed saves: each of its files goes through write_file (hashed and fsynced while written),
-        and a failed write is recorded instead of raised, so that this rank still takes part in every
-        collective DeepSpeed runs after it; once one write failed, the rest are skipped."""
+    def _route_deepspeed_writes(self, engine, job: _Write):
+        """While DeepSpeed saves: each of its files goes through write_file (hashed and fsynced while written;
+        in a background save, from a host copy taken now, by the thread later), and a failed write is recorded
+        instead of raised, so that this rank still takes part in every collective DeepSpeed runs after it; once
+        one write failed, the rest are skipped."""
         ce = engine.checkpoint_engine
         original = ce.save
         plain = type(ce).__name__ == "TorchCheckpointEngine"
         zipfile = getattr(ce, "zipfile_serialization", True)
+        count = [0]
 
         def save(state_dict, path):
-            if errors:
+            if job.errors:
                 return
             path = Path(path)
-            try:
-                if plain:
-                    written[path] = write_file(path, lambda f: torch.save(
-                        state_dict, f, _use_new_zipfile_serialization=zipfile))
-                else:  # another engine writes its own way: fsync here, hash on rank 0 later
-                    original(state_dict, str(path))
-                    _fsync_path(path)
-                    written[path] = None
-            except Exception as exc:  # noqa: BLE001 - reported once every rank is done writing
-                errors.append((path, exc))
+            count[0] += 1
+            point = "deepspeed-file" if count[0] == 1 else None
+            if plain:
+                try:
+                    state_dict = job.host(state_dict)
+                except Exception as exc:  # noqa: BLE001 - no host memory for the copy: reported like a failed write
+                    job.errors.append((path, exc))
+                    return
+                self._add(job, path, lambda f: torch.save(state_dict, f, _use_new_zipfile_serialization=zipfile),
+                          point)
                 return
-            if len(written) == 1:
-                self._fault("deepspeed-file", step)
+            try:  # another engine writes its own way, now (also in a background save): fsync here, hash later
+                original(state_dict, str(path))
+                _fsync_path(path)
+                job.written[path] = None
+            except Exception as exc:  # noqa: BLE001 - reported once every rank is done writing
+                job.errors.append((path, exc))
+                return
+            if point is not None:
+                self._fault(point, job.step)
 
         copy_scripts = getattr(engine, "_copy_recovery_script", None)
 
         def copy(save_path):  # zero_to_fp32.py into checkpoints/ (rank 0): a write that can fail too
-            if errors:
+            if job.errors:
                 return
             try:
                 copy_scripts(save_path)
             except OSError as exc:
-                errors.append((Path(save_path), exc))
+                job.errors.append((Path(save_path), exc))
 
         ce.save = save
         if copy_scripts is not None:
@@ -403,10 +582,10 @@ class Checkpointer:
         os.replace(tmp, latest)
         _fsync_path(self.run_dir)
 
-    def _gather(self, value) -> list:
+    def _gather(self, value, group=None) -> list:
         """Collective: every rank's value, in rank order."""
         out = [None] * self.world
-        dist.all_gather_object(out, value)
+        dist.all_gather_object(out, value, group=group)
         return out
 
     def _describe(self, path: Path, exc: BaseException) -> str:

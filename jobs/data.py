@@ -161,13 +161,35 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 # ---- packing --------------------------------------------------------------------------------------
 
 
+def job_cpus() -> int:
+    """The CPUs this process was given: its affinity (Slurm's cpuset) capped by a cgroup v2 CPU quota
+    (a Kubernetes limit), not the node's core count that thread pools see by default."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def size_tokenizer_threads() -> int:
+    """The tokenizers library's Rust thread pool sized to job_cpus() (set before its first parallel call; a
+    value the user set wins). Returns the thread count."""
+    n = job_cpus()
+    for var in ("RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS"):
+        os.environ.setdefault(var, str(n))
+    return int(os.environ["RAYON_NUM_THREADS"])
+
+
 def _pack(tokenizer, docs: list[str], seq_len: int, dtype: np.dtype, batch: int = 2048) -> np.ndarray:
     """[CLS] doc [SEP] [CLS] doc [SEP] ... cut into rows of seq_len (the ragged tail is dropped)."""
     backend = tokenizer.backend_tokenizer
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     pieces: list[np.ndarray] = []
     for start in range(0, len(docs), batch):
-        # encode_batch runs on every core (the Rust side is multi-threaded).
+        # encode_batch runs on the Rust side's thread pool: every CPU of the job (size_tokenizer_threads).
         for enc in backend.encode_batch(docs[start:start + batch], add_special_tokens=False):
             pieces.append(np.asarray([cls, *enc.ids, sep], dtype=dtype))
     stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
@@ -192,6 +214,7 @@ def _write_split(out: Path, split: str, rows: np.ndarray) -> dict:
 def prepare(spec, out: Path, log=print) -> dict:
     """Tokenize and pack `spec.data.train` into `out`; returns the index. Deterministic for a seed."""
     d = spec.data
+    threads = size_tokenizer_threads()
     out.mkdir(parents=True, exist_ok=True)
     (out / contract.COMPLETE_MARKER).unlink(missing_ok=True)
     docs = list(read_texts(expand_inputs(d.train), d.text_field))
@@ -206,7 +229,7 @@ def prepare(spec, out: Path, log=print) -> dict:
     if d.tokenizer:
         tokenizer = load_tokenizer(d.tokenizer)
     else:
-        log(f"training a BPE tokenizer (vocab {d.vocab_size}) on {len(train)} documents")
+        log(f"training a BPE tokenizer (vocab {d.vocab_size}) on {len(train)} documents, {threads} threads")
         tokenizer = train_tokenizer(train, d.vocab_size, d.seq_len)
     tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     vocab = len(tokenizer)

@@ -53,6 +53,28 @@ def _early_signal(signum: int, _frame: object) -> None:
     raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
 
 
+def compatible_args(torchrun_args: list[str]) -> tuple[list[str], list[str]]:
+    """(the arguments this torch's torchrun knows, those it does not), dropping `--option=value` ones it lacks.
+
+    launcher.torchrun writes for the newest torchrun (it never imports torch); an image may carry an older one.
+    torchrun before 2.13 has no --shutdown-timeout: the grace it would give ranks to save after a SIGTERM goes to
+    the default of the process context's close() instead (30 s there, hard-coded), so preemption saves keep it.
+    """
+    from torch.distributed.run import get_args_parser
+
+    known = {flag for action in get_args_parser()._actions for flag in action.option_strings}
+    keep, dropped = [], []
+    for arg in torchrun_args:
+        flag = arg.split("=", 1)[0]
+        (dropped if flag.startswith("--") and "=" in arg and flag not in known else keep).append(arg)
+    for arg in dropped:
+        if arg.startswith("--shutdown-timeout="):
+            from torch.distributed.elastic.multiprocessing.api import PContext
+
+            PContext.close.__defaults__ = (None, int(arg.split("=", 1)[1]))
+    return keep, dropped
+
+
 def run_torchrun(torchrun_args: list[str]) -> tuple[dict[int, int], str | None, str | None]:
     """torchrun in this process: (failed ranks' exit codes, the signal this node got, torchrun's own error)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -97,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     print(f"mbl launch: job {job} attempt {attempt} on {host}: torchrun {' '.join(torchrun_args)}",
           file=sys.stderr, flush=True)
+    torchrun_args, dropped = compatible_args(torchrun_args)
+    if dropped:
+        import torch
+
+        print(f"mbl launch: torchrun of torch {torch.__version__} lacks {' '.join(dropped)}: "
+              "its default close() timeout carries the shutdown grace instead", file=sys.stderr, flush=True)
     for sig in STOP_SIGNALS:
         signal.signal(sig, _early_signal)
     try:

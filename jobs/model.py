@@ -83,6 +83,18 @@ TASK_CLASSES = {
 }
 
 
+def set_attention(model, spec):
+    """model.attention on a built model; a kernel this image lacks is a DataError naming the field."""
+    wanted = spec.model.attention
+    if model.config._attn_implementation != wanted:
+        try:
+            model.set_attn_implementation(wanted)
+        except (ImportError, ValueError) as exc:
+            raise DataError(f"model.attention={wanted}: {str(exc).splitlines()[0]}",
+                            "install flash-attn in the image, or set model.attention: sdpa") from None
+    return model
+
+
 def pretrain_model(spec, vocab_size: int, special_ids: dict[str, int]) -> ModernBertForPreTraining:
     """A fresh pre-training model from the preset, or weights from model.init_from."""
     torch.manual_seed(spec.train.seed)
@@ -92,11 +104,11 @@ def pretrain_model(spec, vocab_size: int, special_ids: dict[str, int]) -> Modern
         if spec.data.objective == "mlm+sop" and not hasattr(model, "sop_head"):
             model.config.sop_head = True
             model.sop_head = nn.Linear(model.config.hidden_size, 2)
-        return model
+        return set_attention(model, spec)
     config = build_config(spec.model.preset, spec.model.config_overrides, vocab_size, special_ids, spec.data.seq_len)
     config.sop_head = spec.data.objective == "mlm+sop"
     config.architectures = ["ModernBertForMaskedLM"]
-    return ModernBertForPreTraining(config)
+    return set_attention(ModernBertForPreTraining(config), spec)
 
 
 def resolve_init(path: str | Path) -> Path:
@@ -127,7 +139,7 @@ def task_model(spec, init: Path, num_labels: int, id2label: dict[int, str]):
     model = cls.from_pretrained(str(init), num_labels=num_labels, id2label=id2label,
                                 label2id={v: k for k, v in id2label.items()})
     transformers.logging.set_verbosity_warning()
-    return model
+    return set_attention(model, spec)
 
 
 def mlm_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

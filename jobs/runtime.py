@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from jobs.device import set_deterministic
+from jobs.tracking import Tracker
 from launcher import contract
 
 
@@ -42,6 +43,7 @@ class Context:
         self.spec = spec
         self.run_dir = Path(spec.run_dir)
         self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        self.tracker = Tracker(spec, self.run_dir, self.log, self.rank)  # MLflow / W&B (jobs/tracking.py), rank 0
         self.cuda = torch.cuda.is_available()
         if self.cuda:
             self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -52,7 +54,10 @@ class Context:
             from jobs import devicecheck
 
             devicecheck.install(self.device)
-        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", verbose=False)
+        from datetime import timedelta
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", verbose=False,
+                                   timeout=timedelta(seconds=spec.distributed.collective_timeout_seconds))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))))
         self.start = time.time()
         self.lease = None  # rank 0: the run directory's lease (jobs/lease.py), taken by jobs.train before writing
@@ -82,6 +87,7 @@ class Context:
             if isinstance(value, (int, float)) and key not in ("step", "time", "total_steps"):
                 self._tb.add_scalar(f"{prefix}/{key}", value, row.get("step", 0))
         self._tb.flush()
+        self.tracker.record(row)
 
     def on_rank0(self, fn):
         """Run fn on rank 0 only; every rank gets its result, or raises its user error."""
@@ -125,6 +131,12 @@ def lr_lambda(spec, total_steps: int):
     return fn
 
 
+def compile_encoder(model) -> None:
+    """torch.compile the encoder in place, so parameter names (checkpoints, exports) stay the same. Only the
+    encoder: the MLM head gathers the masked positions, a data-dependent shape that breaks a graph."""
+    getattr(model, "model", model).compile()
+
+
 def build_engine(ctx: Context, model, total_steps: int, accum: int):
     """The DeepSpeed engine of the spec (ZeRO stage, precision, AdamW, schedule); its device is ctx.device."""
     import deepspeed
@@ -137,6 +149,9 @@ def build_engine(ctx: Context, model, total_steps: int, accum: int):
             continue
         (no_decay if p.ndim < 2 or "norm" in name or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if t.compile:
+        compile_encoder(model)
+        ctx.log("train.compile: the encoder is compiled (inductor) during its first steps")
     config = {
         "train_batch_size": t.micro_batch_size * ctx.world * accum,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -203,4 +218,5 @@ def finish(ctx: Context, summary: dict) -> None:
         (ctx.run_dir / contract.SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
         lines = [f"summary ({contract.SUMMARY_FILE} in the run directory):", *summary_text(summary)]
         print("\n".join(f"[mbl] {line}" for line in lines), flush=True)
+        ctx.tracker.finish(summary)  # the summary, and the tracker runs closed as finished
         (ctx.run_dir / contract.DONE_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")

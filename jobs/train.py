@@ -87,6 +87,9 @@ def _exit(code: int) -> None:
     """Leave together and without C++ teardown: after a success every rank meets at a barrier (rank 0 may still
     be writing final/), the process group is destroyed, and the process ends with os._exit, because gloo's and
     DeepSpeed's threads can abort ("terminate called without an active exception") in static destructors."""
+    from jobs.tracking import close_trackers
+
+    close_trackers(code)  # tracker runs end as killed (a requeue) or failed; os._exit skips atexit
     try:
         import torch.distributed as dist
 

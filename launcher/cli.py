@@ -165,12 +165,9 @@ def validate(specs: tuple[str, ...], sets: tuple[str, ...], quiet: bool) -> None
 
 def _is_policy(path: str) -> bool:
     """A quota policy rather than a job spec: a mapping with `teams` and without `kind`."""
-    import yaml
+    from launcher.loading import peek
 
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return False  # load_spec reports it
+    data = peek(path)  # None when it cannot be read: load_spec reports why
     return isinstance(data, dict) and "teams" in data and "kind" not in data
 
 
@@ -193,7 +190,12 @@ def render(spec_path: str, cluster: str | None, short: str | None, sets: tuple[s
     spec = _load(spec_path, sets, namespace)
     request = _backend(name, profile=profile, kube_context=kube_context).dryrun(spec)
     if out_dir:
-        for path in request.write(Path(out_dir)):
+        try:
+            written = request.write(Path(out_dir))
+        except OSError as exc:
+            raise UsageError(f"-o/--output {out_dir}: cannot write the rendered files there: "
+                             f"{exc.strerror or exc}", hint="give a directory that can be created") from None
+        for path in written:
             click.echo(f"wrote {path}")
         return
     if name == "k8s":
@@ -279,7 +281,10 @@ def _quota_precheck(cluster: str, spec: Any, backend: Any) -> None:
 
         profile = backend.profile.slurm
         charged, part = account(spec, profile), partition(spec, profile)
-        usage = quota.slurm_usage().get(charged, quota.Usage(charged))
+        notes: list[str] = []
+        usage = quota.slurm_usage(notes).get(charged, quota.Usage(charged))
+        for note in notes:  # the policy's limits are checked all the same
+            click.echo(f"warning: quota pre-check: {note}", err=True)
     elif cluster == "k8s":
         from launcher.quota_k8s import k8s_usage
 
@@ -326,14 +331,15 @@ def _lookup(job: str):
     return registry, record, _backend(record.backend)
 
 
-def _row(record: Any, backend: Any, registry: Any = None,
-         progress: bool = True) -> tuple[dict[str, Any], dict[str, str]]:
+def _row(record: Any, backend: Any, registry: Any = None, progress: bool = True,
+         status: Any = None) -> tuple[dict[str, Any], dict[str, str]]:
     """A job's state and progress: (the fields of `-o json`, the same in words for the tables). The progress
-    is the run directory's: `progress=False` leaves it out (an older job of a run directory a newer one reuses)."""
+    is the run directory's: `progress=False` leaves it out (an older job of a run directory a newer one reuses).
+    `status`: the job's JobStatus when the caller asked for many at once (`_rows`), else it is asked here."""
     from launcher.progress import Snapshot, snapshot
 
     try:
-        status = backend.status(record.ref)
+        status = status if status is not None else backend.status(record.ref)
         state, reason = status.state.value, status.reason or status.detail
     except MblError as exc:
         state, reason = "UNKNOWN", str(exc)
@@ -428,13 +434,36 @@ def _rows(cluster: str | None, limit: int) -> list[tuple[dict[str, Any], dict[st
     from launcher.backends import get_backend
 
     registry = _registry()
+    records = registry.list(backend=cluster, limit=limit)  # newest first
     backends: dict[str, Any] = {}
+    states: dict[int, Any] = {}
+    for name in dict.fromkeys(r.backend for r in records):  # one query per backend (Slurm: one squeue, one sacct)
+        backends[name] = get_backend(name)
+        mine = [r for r in records if r.backend == name]
+        try:
+            states.update(zip((r.id for r in mine), backends[name].statuses([r.ref for r in mine])))
+        except MblError as exc:  # its cluster cannot be asked at all (no squeue here): every job says why
+            from launcher.backends.base import JobState, JobStatus
+
+            states.update((r.id, JobStatus(JobState.UNKNOWN, str(exc))) for r in mine)
+    # First seen finished: the registry's GPU-hour report ends them here (one transaction for all of them).
+    now = time.time()
+    registry.save_extras([(r, {**r.extra, "ended_at": now}) for r in records
+                          if states[r.id].state.finished and "ended_at" not in r.extra])
     out, seen = [], set()
-    for record in registry.list(backend=cluster, limit=limit):  # newest first
-        backend = backends.setdefault(record.backend, get_backend(record.backend))
-        out.append(_row(record, backend, registry, progress=record.run_dir not in seen))
+    for record in records:
+        out.append(_row(record, backends[record.backend], None, progress=record.run_dir not in seen,
+                        status=states[record.id]))
         seen.add(record.run_dir)
+    _print_warnings(backends.values())
     return out
+
+
+def _print_warnings(backends: Any) -> None:
+    """What a backend could not ask its cluster (a daemon down), on stderr, once: stdout stays parseable."""
+    for backend in backends:
+        for text in getattr(backend, "warnings", []):
+            click.echo(f"warning: {text}", err=True)
 
 
 @cli.command()
@@ -454,6 +483,7 @@ def status(job: str | None, output: str) -> None:
     if job:
         registry, record, backend = _lookup(job)
         row, words = _row(record, backend, registry)
+        _print_warnings([backend])
         if output == "json":
             click.echo(json.dumps(row, indent=2))
         else:
@@ -657,7 +687,7 @@ def quota_show(team: str | None, cluster: str, kube_context: str | None, policy:
         for use in usage.values():
             notes += [n for n in use.notes if n not in notes]
     else:
-        usage = q.slurm_usage()
+        usage = q.slurm_usage(notes)
     rows = q.show_rows(loaded, usage, team)
     if output == "json":
         click.echo(json.dumps({"teams": rows, "notes": notes} if notes else rows, indent=2))
@@ -705,8 +735,9 @@ def quota_report(since: str, by: str, cluster: str, output: str) -> None:
         datetime.fromisoformat(since)
     except ValueError:
         raise UsageError(f"--since {since!r} is not a date", hint="use YYYY-MM-DD or YYYY-MM-DDTHH:MM") from None
+    notes: list[str] = []
     if cluster == "slurm":
-        rows = q.aggregate(q.slurm_report_rows(since), by)
+        rows = q.aggregate(q.slurm_report_rows(since, notes), by)
     else:  # the end of jobs nobody asked about since they finished, from the cluster
         backend = _backend("k8s")
 
@@ -719,11 +750,13 @@ def quota_report(since: str, by: str, cluster: str, output: str) -> None:
 
         rows = q.aggregate(q.registry_report_rows(since, ended_at=ended_at), by)
     if output == "json":
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps({"rows": rows, "notes": notes} if notes else rows, indent=2))
     elif output == "csv":
         click.echo(q.to_csv(rows), nl=False)
     else:
         _table(rows, [by, "jobs", "gpu_hours"])
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
 
 
 @cli.command()

@@ -12,6 +12,7 @@ The run directory on shared storage looks like this:
       latest               text file naming the newest complete checkpoint folder
       metrics.jsonl        one JSON object per logged step / evaluation (rank 0)
       tb/                  TensorBoard events
+      tracking.json        the tracker runs of this run directory (MLflow, W&B) and the last step each got (jobs/tracking.py)
       final/               the exported Hugging Face model folder
       summary.json         final metrics
       DONE                 written last: the job finished; starting it again exits 0 at once
@@ -26,6 +27,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 FINAL_DIR = "final"
 DONE_FILE = "DONE"
+TRACKING_FILE = "tracking.json"
 COMPLETE_MARKER = "COMPLETE"
 
 # ---- rank exit codes (python -m jobs.train) ----------------------------------------------------------
@@ -34,6 +36,12 @@ COMPLETE_MARKER = "COMPLETE"
 REQUEUE_EXIT_CODE = 75
 # A rank exits with this code on bad input (a missing data file, a changed spec): never worth a retry.
 USAGE_EXIT_CODE = 2
+# A rank's watchdog (jobs/watchdog.py) saw no progress for distributed.hang_timeout_seconds: stacks in the
+# log, then this code; the attempt is requeued from the newest checkpoint.
+HANG_EXIT_CODE = 76
+# The preflight (jobs/preflight.py) found a bad node: named in the log and in logs/bad-nodes-<job>; the
+# attempt is requeued, on Slurm without those nodes.
+NODE_EXIT_CODE = 77
 
 # ---- launch outcomes (python -m jobs.launch, one per node) -------------------------------------------
 # One exit code per outcome; every backend reads them the same way (see jobs/launch.py for the table).

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import enum
+import inspect
 import typing
 from typing import Any
 
@@ -77,7 +78,7 @@ def render() -> str:
         seen.add(path)
         out += [f"## `{path}`", ""]
         if model.__doc__ and model.__doc__ != Strict.__doc__:
-            out += [model.__doc__.strip(), ""]
+            out += [inspect.cleandoc(model.__doc__), ""]
         _section(model, f"{path}.", out, queue)
     return "\n".join(out)
 

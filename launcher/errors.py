@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,9 @@ class BackendError(MblError):
     exit_code = 1
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_][-A-Za-z0-9_]*")
+
+
 @dataclass
 class SpecProblem:
     source: str
@@ -44,7 +48,8 @@ class SpecProblem:
 
     def render(self) -> str:
         where = self.source + (f":{self.line}" if self.line else "")
-        field = ".".join(str(p) for p in self.path) or "(spec)"
+        # a key as typed when it is a plain name; quoted when it is not (`env.'a b'`, an unknown key `'${x}'`)
+        field = ".".join(str(p) if _PLAIN_KEY.fullmatch(str(p)) else repr(p) for p in self.path) or "(spec)"
         text = f"{where}: {field}: {self.message}"
         if self.given is not None and not isinstance(self.given, (dict, list)):
             text += f" (given: {self.given!r})"

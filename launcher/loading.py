@@ -12,7 +12,7 @@ import copy
 import difflib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +25,13 @@ from launcher.spec import JobSpec
 Path_ = tuple[str | int, ...]
 ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 MAX_EXTENDS_DEPTH = 8
+# A spec nests four levels; a document nesting far deeper, or whose aliases repeat more values than this (a
+# recursive alias, "billion laughs"), is refused before anything else walks it.
+MAX_DEPTH = 32
+MAX_REPEATED = 10_000
+# Setup lines are shell code, run as written: what `${env:NAME}` brings into one must not be shell syntax.
+SHELL_WORDS = re.compile(r"[-A-Za-z0-9_@%+=:,./ ]*")
+SHELL_FIELDS = ("slurm", "setup")  # slurm.setup of a spec and of a cluster profile
 
 
 @dataclass
@@ -41,8 +48,35 @@ class Origins:
         return ("<spec>", None)
 
 
+_OPENS = (yaml.FlowSequenceStartToken, yaml.FlowMappingStartToken, yaml.BlockSequenceStartToken,
+          yaml.BlockMappingStartToken)
+_CLOSES = (yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken, yaml.BlockEndToken)
+
+
+def _too_deep(text: str) -> int | None:
+    """The line where the document nests deeper than MAX_DEPTH collections, else None. Read token by token
+    before composing: PyYAML composes recursively and scans deep flow nesting in quadratic time, so that a few
+    kilobytes of brackets would take seconds and end in a RecursionError."""
+    depth = 0
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if isinstance(token, _OPENS):
+                depth += 1
+                if depth > MAX_DEPTH + 1:  # the document's own mapping is one level
+                    return token.start_mark.line + 1
+            elif isinstance(token, _CLOSES):
+                depth -= 1
+    except yaml.YAMLError:
+        return None  # composing says what is wrong, and where
+    return None
+
+
 def _compose(text: str, source: str) -> tuple[Any, dict[Path_, tuple[str, int | None]]]:
-    """Safe-load YAML and record the line of every key."""
+    """Safe-load YAML and record the line of every key. Refuses recursive aliases, nesting deeper than
+    MAX_DEPTH and documents whose aliases repeat more than MAX_REPEATED values."""
+    deep = _too_deep(text)
+    if deep:
+        raise SpecError([SpecProblem(source, deep, (), None, f"nests deeper than {MAX_DEPTH} levels")])
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -50,21 +84,38 @@ def _compose(text: str, source: str) -> tuple[Any, dict[Path_, tuple[str, int | 
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
         raise SpecError([SpecProblem(source, line, (), None, f"not valid YAML: {getattr(exc, 'problem', exc)}")])
+    except RecursionError:
+        raise SpecError([SpecProblem(source, None, (), None, f"nests deeper than {MAX_DEPTH} levels")]) from None
     lines: dict[Path_, tuple[str, int | None]] = {}
+    seen: set[int] = set()
+    repeated = 0
 
-    def walk(n: yaml.Node, path: Path_) -> None:
+    def refuse(n: yaml.Node, path: Path_, why: str) -> None:
+        raise SpecError([SpecProblem(source, n.start_mark.line + 1, path, None, why)])
+
+    def walk(n: yaml.Node, path: Path_, open_: tuple[int, ...]) -> None:
+        nonlocal repeated
+        if id(n) in seen:  # reached again through an alias (*name)
+            repeated += 1
+            if repeated > MAX_REPEATED:
+                refuse(n, path, f"its aliases (*name) repeat more than {MAX_REPEATED} values (aliases of aliases?)")
+        seen.add(id(n))
+        if len(path) > MAX_DEPTH:
+            refuse(n, path[:MAX_DEPTH], f"nests deeper than {MAX_DEPTH} levels")
+        if id(n) in open_:
+            refuse(n, path, "an alias (*name) refers to a value that contains it: the value would never end")
         lines[path] = (source, n.start_mark.line + 1)
         if isinstance(n, yaml.MappingNode):
             for key_node, value_node in n.value:
-                child = path + (key_node.value,)
-                walk(value_node, child)
+                child = path + (key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.tag),)
+                walk(value_node, child, open_ + (id(n),))
                 lines[child] = (source, key_node.start_mark.line + 1)
         elif isinstance(n, yaml.SequenceNode):
             for i, item in enumerate(n.value):
-                walk(item, path + (i,))
+                walk(item, path + (i,), open_ + (id(n),))
 
     if node is not None:
-        walk(node, ())
+        walk(node, (), ())
     return data, lines
 
 
@@ -76,20 +127,26 @@ def _interpolate(value: Any, path: Path_, origins: Origins, problems: list[SpecP
     if not isinstance(value, str) or "${" not in value:
         return value
 
-    def replace(match: re.Match[str]) -> str:
+    def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        if name in os.environ:
-            return os.environ[name]
-        if default is not None:
-            return default
+        found = os.environ.get(name, default)
         source, line = origins.lookup(path)
-        problems.append(
-            SpecProblem(source, line, path, value, f"environment variable {name} is not set; export it or write "
-                        f"${{env:{name}:-default}}")
-        )
-        return ""
+        if found is None:
+            problems.append(
+                SpecProblem(source, line, path, value, f"environment variable {name} is not set; export it or write "
+                            f"${{env:{name}:-default}}")
+            )
+            return ""
+        if path[:2] == SHELL_FIELDS and not SHELL_WORDS.fullmatch(found):
+            bad = next(c for c in found if not SHELL_WORDS.fullmatch(c))
+            problems.append(
+                SpecProblem(source, line, path, value, f"${{env:{name}}} would put shell syntax ({bad!r}) into a "
+                            "setup line, which runs as written; write the command in the line itself, or use "
+                            f"\"${name}\" (the job's environment) instead of ${{env:{name}}}")
+            )
+        return found
 
-    return ENV_REF.sub(replace, value)
+    return ENV_REF.sub(substitute, value)
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -103,15 +160,33 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read(path: Path, origins: Origins, depth: int = 0, what: str = "spec") -> dict[str, Any]:
-    source = str(path)
-    if depth > MAX_EXTENDS_DEPTH:
-        raise SpecError([SpecProblem(source, None, ("extends",), None, "`extends` nests too deep (a cycle?)")])
+def _unreadable(source: str, what: str, why: str) -> SpecError:
+    return SpecError([SpecProblem(source, None, (), None, f"cannot read the {what}: {why}")])
+
+
+def _resolve(path: Path, what: str) -> Path:
     try:
-        text = path.read_text()
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:  # Python 3.11 raises RuntimeError on a symlink loop
+        raise _unreadable(str(path), what, getattr(exc, "strerror", None) or str(exc)) from None
+
+
+def _read(path: Path, origins: Origins, depth: int = 0, what: str = "spec",
+          chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One file and, through `extends`, the files it builds on (`chain`: those that extend this one)."""
+    source = str(path)
+    try:
+        raw = path.read_bytes()
     except OSError as exc:
-        raise SpecError([SpecProblem(source, None, (), None, f"cannot read the {what}: {exc.strerror}")])
+        raise _unreadable(source, what, exc.strerror or str(exc)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise SpecError([SpecProblem(source, line, (), None, f"is not UTF-8 text (byte {raw[exc.start]:#04x})")]) \
+            from None
     data, lines = _compose(text, source)
+    lines.setdefault((), (source, None))  # an empty document: its problems still name the file
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -123,8 +198,19 @@ def _read(path: Path, origins: Origins, depth: int = 0, what: str = "spec") -> d
     if not isinstance(parent, str):
         raise SpecError([SpecProblem(source, lines.get(("extends",), (source, None))[1], ("extends",), parent,
                                      "`extends` takes one file path, relative to this file")])
-    parent_path = (path.parent / parent).resolve()
-    base = _read(parent_path, origins, depth + 1, what)
+    if "\0" in parent:
+        raise SpecError([SpecProblem(source, lines.get(("extends",), (source, None))[1], ("extends",), parent,
+                                     "`extends` takes a file path, and this one contains a NUL character")])
+    parent_path = _resolve(path.parent / parent, what)
+    line = lines.get(("extends",), (source, None))[1]
+    if parent_path in (*chain, path):
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(parent_path):], path, parent_path)) \
+            if parent_path in chain else f"{path} -> {path}"
+        raise SpecError([SpecProblem(source, line, ("extends",), parent, f"`extends` makes a cycle: {cycle}")])
+    if depth >= MAX_EXTENDS_DEPTH:
+        raise SpecError([SpecProblem(source, line, ("extends",), parent,
+                                     f"`extends` chains more than {MAX_EXTENDS_DEPTH} files")])
+    base = _read(parent_path, origins, depth + 1, what, (*chain, path))
     origins.where.update(lines)  # the child's lines win where it sets a value
     return deep_merge(base, data)
 
@@ -142,9 +228,9 @@ def _parse_set(expr: str) -> tuple[Path_, Any]:
     stripped = raw.strip()
     if stripped[:1] in ("[", "{") or stripped in ("null", "~"):
         try:
-            value = yaml.safe_load(stripped)
-        except yaml.YAMLError as exc:
-            raise SpecError([SpecProblem("--set", None, parts, raw, f"not valid YAML: {exc}")])
+            value, _lines = _compose(stripped, f"--set {expr}")
+        except SpecError as exc:
+            raise SpecError([replace(p, line=None, path=parts + p.path, given=raw) for p in exc.problems]) from None
     return parts, value
 
 
@@ -171,10 +257,16 @@ def apply_sets(data: dict[str, Any], sets: list[str], origins: Origins) -> dict[
 def load_data(path: str | Path, sets: list[str] | None = None, what: str = "spec") -> tuple[dict[str, Any], Origins]:
     """The merged, interpolated document and where each value came from."""
     origins = Origins()
-    data = _read(Path(path).resolve() if not Path(path).is_absolute() else Path(path), origins, what=what)
+    if "\0" in str(path):
+        raise _unreadable(repr(str(path)), what, "the path contains a NUL character")
     # Keep file names as the user typed them in messages.
     shown = str(path)
-    resolved = str(Path(path).resolve())
+    resolved = str(_resolve(Path(path), what))
+    try:
+        data = _read(Path(resolved) if not Path(path).is_absolute() else Path(path), origins, what=what)
+    except SpecError as exc:
+        raise SpecError([replace(p, source=shown if p.source == resolved else p.source) for p in exc.problems]) \
+            from None
     origins.where = {k: ((shown if f == resolved else f), ln) for k, (f, ln) in origins.where.items()}
     data = apply_sets(data, sets or [], origins)
     problems: list[SpecProblem] = []
@@ -182,6 +274,15 @@ def load_data(path: str | Path, sets: list[str] | None = None, what: str = "spec
     if problems:
         raise SpecError(problems)
     return data, origins
+
+
+def peek(path: str | Path) -> Any:
+    """The YAML document at `path` as parsed data, with the loader's guards (depth, aliases); None when it cannot
+    be read or parsed (loading it reports why). For telling a quota policy from a job spec."""
+    try:
+        return _compose(Path(path).read_text(), str(path))[0]
+    except (OSError, ValueError, SpecError):  # ValueError: not UTF-8, a NUL in the path
+        return None
 
 
 def load_spec(path: str | Path, sets: list[str] | None = None) -> JobSpec:
@@ -333,7 +434,8 @@ def explain(exc: ValidationError, data: dict[str, Any], origins: Origins,
     return problems
 
 
-_FIELD_REF = re.compile(r"\b((?:model|data|task|train|distributed|resources|checkpoint|export|slurm|k8s)\.[a-z_]+)")
+_FIELD_REF = re.compile(r"\b((?:model|data|task|train|distributed|resources|checkpoint|export|slurm|k8s|tracking|env)"
+                        r"\.[A-Za-z_][A-Za-z0-9_]*)")
 
 
 def _first_field(text: str) -> Path_:

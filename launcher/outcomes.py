@@ -12,6 +12,10 @@ How an attempt ended -> outcome (the first row that matches):
 | this node got SIGTERM/SIGUSR1/SIGINT/... (forwarded to the ranks,       | requeue | 143  |
 |   which save within checkpoint.save_grace_seconds)                     |         |      |
 | a rank exited 2: bad input (a missing file, a changed spec)            | failed  | 1    |
+| the preflight found a bad node (exit 77; on Slurm the next attempt     | requeue | 143  |
+|   excludes it), while restarts after failures remain                   |         |      |
+| a rank's watchdog saw no progress (exit 76, its stacks in the log),   | requeue | 143  |
+|   and fewer than max(1, max_restarts) restarts after failures so far   |         |      |
 | every failed rank exited 75 ("saved, requeue me") or was killed after  | requeue | 143  |
 |   another one asked                                                    |         |      |
 | any other failure (a crash, a killed rank, a rendezvous error), and     | requeue | 143  |
@@ -41,7 +45,7 @@ TERMINATION_LOG = "/dev/termination-log"  # Kubernetes shows it as the container
 @dataclass
 class Outcome:
     outcome: str  # done | requeue | failed
-    cause: str  # done | signal | usage | saved | crash
+    cause: str  # done | signal | usage | hang | saved | crash
     reason: str
 
     @property
@@ -64,6 +68,19 @@ def classify(codes: dict[int, int], signal_name: str | None, error: str | None, 
     if any(c == contract.USAGE_EXIT_CODE for _, c in failed):
         return Outcome("failed", "usage", f"bad input ({listing}); the error is in the log above; fix it and "
                                           "submit again")
+    if any(c == contract.NODE_EXIT_CODE for _, c in failed):
+        what = f"the preflight found a bad node (named in the log and in logs/bad-nodes-<job>; {listing})"
+        if crash_restarts >= max(1, max_restarts):
+            return Outcome("failed", "node", f"{what}, and the restarts after failures allowed are used up")
+        return Outcome("requeue", "node", f"{what}: restart {crash_restarts + 1} without it{saved}")
+    hung = [r for r, c in failed if c == contract.HANG_EXIT_CODE]
+    if hung:
+        ranks = ", ".join(map(str, hung[:8])) + (" ..." if len(hung) > 8 else "")
+        what = f"no progress on rank(s) {ranks} for the hang limit; their stacks are in the log ({listing})"
+        if crash_restarts >= max(1, max_restarts):
+            return Outcome("failed", "hang", f"{what}, and the {max(1, max_restarts)} restart(s) after failures "
+                                             f"allowed are used up{saved}")
+        return Outcome("requeue", "hang", f"{what}: restart {crash_restarts + 1} from the newest checkpoint{saved}")
     if failed and all(c == contract.REQUEUE_EXIT_CODE or c < 0 for _, c in failed) and any(
             c == contract.REQUEUE_EXIT_CODE for _, c in failed):
         return Outcome("requeue", "saved", f"the ranks saved and asked to be requeued ({listing}){saved}")
@@ -111,9 +128,9 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def crash_restarts(run_dir: Path, job: str) -> int:
-    """Restarts this job already had after failures (cause crash, outcome requeue), counted per attempt."""
+    """Restarts this job already had after failures (cause crash, hang or node; outcome requeue), per attempt."""
     return len({r.get("attempt") for r in records(run_dir)
-                if r.get("job") == job and r.get("cause") == "crash" and r.get("outcome") == "requeue"})
+                if r.get("job") == job and r.get("cause") in ("crash", "hang", "node") and r.get("outcome") == "requeue"})
 
 
 def write_record(run_dir: Path, record: dict) -> None:

@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from launcher.errors import UsageError
-from launcher.spec import Strict, Toleration
+from launcher.spec import Strict, Toleration, check_node_selector, check_setup, label_key
 
 
 class Partition(Strict):
@@ -38,6 +38,11 @@ class SlurmProfile(Strict):
         None, description="Use --gpus-per-node (Slurm >= 19.05); unset decides by version, false uses --gres=gpu:N."
     )
     setup: list[str] = Field(default_factory=list, description="Shell lines every job runs first (modules, venv).")
+
+    @field_validator("setup")
+    @classmethod
+    def _setup_lines(cls, value: list[str]) -> list[str]:
+        return check_setup(value)
 
     @property
     def version_tuple(self) -> tuple[int, ...]:
@@ -71,6 +76,19 @@ class GpuType(Strict):
     tolerations: list[Toleration] = Field(default_factory=list)
     resource: str = Field("nvidia.com/gpu", description="Extended resource name of this GPU.")
 
+    @field_validator("node_selector")
+    @classmethod
+    def _selector(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_node_selector(value)
+
+    @field_validator("resource")
+    @classmethod
+    def _resource(cls, value: str) -> str:
+        why = label_key(value)
+        if why:
+            raise ValueError(f"an extended resource name (like nvidia.com/gpu) {why}")
+        return value
+
 
 class K8sProfile(Strict):
     gpu_types: dict[str, GpuType] = Field(default_factory=dict)
@@ -94,6 +112,8 @@ def load_profile(path: str | Path | None = None) -> Profile:
     """The profile at `path`; with no path, the default location if it exists, else built-in defaults."""
     explicit = path is not None or bool(os.environ.get("MBL_PROFILE"))
     target = Path(path) if path else default_path()
+    if "\0" in str(target):
+        raise UsageError(f"cluster profile {str(target)!r}: a path with a NUL character", hint="pass --profile PATH")
     if not target.exists():
         if explicit:
             raise UsageError(f"cluster profile {target} does not exist", hint="pass --profile PATH to an existing file")

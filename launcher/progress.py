@@ -333,8 +333,9 @@ def total_from_spec(run_dir: Path) -> int | None:
     """train.max_steps of the run directory's spec, when it fixes the number of steps (no epochs)."""
     import yaml
 
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: `mbl list` reads one spec per job
     try:
-        data = yaml.safe_load((run_dir / contract.SPEC_FILE).read_text()) or {}
+        data = yaml.load((run_dir / contract.SPEC_FILE).read_text(), Loader=loader) or {}
     except (OSError, yaml.YAMLError):
         return None
     train = data.get("train") or {}

@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from launcher.errors import BackendError, UsageError
-from launcher.spec import DNS_1035, JobSpec, Strict, parse_time_limit
+from launcher.spec import DNS_1035, NAME_MAX_LEN, JobSpec, Strict, dns_1123_label, parse_time_limit, queue_name
 
 QUOTA_EXIT_CODE = 2
 
@@ -54,6 +54,23 @@ class TeamPolicy(Strict):
             parse_time_limit(value)
         return value
 
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str | None) -> str | None:
+        why = dns_1123_label(value) if value is not None else None
+        if why:
+            raise ValueError(f"a Kubernetes namespace {why}")
+        return value
+
+    @field_validator("queues")
+    @classmethod
+    def _queues(cls, value: list[str]) -> list[str]:
+        for queue in value:
+            why = queue_name(queue)
+            if why:
+                raise ValueError(f"queue {queue!r}: a Kueue LocalQueue's name {why}")
+        return value
+
 
 class QuotaPolicy(Strict):
     cluster_gpus: int | None = Field(None, ge=0, description="GPUs in the whole cluster (for Kueue's nominal quota).")
@@ -65,6 +82,8 @@ class QuotaPolicy(Strict):
         for name in value:
             if not DNS_1035.match(name):
                 raise ValueError(f"team {name!r} must be a DNS-1035 label (it names accounts and queues)")
+            if len(name) > NAME_MAX_LEN:
+                raise ValueError(f"team {name!r} is {len(name)} characters; at most {NAME_MAX_LEN}, as a job's team")
         return value
 
 
@@ -144,9 +163,22 @@ def parse_sacctmgr_limits(text: str) -> dict[str, int | None]:
     return limits
 
 
-def slurm_usage() -> dict[str, Usage]:
+def slurm_usage(notes: list[str] | None = None) -> dict[str, Usage]:
+    """GPUs of running and pending jobs per account (squeue) and each account's GrpTRES limit (sacctmgr).
+
+    The limits live in Slurm's accounting: when slurmdbd (or its database) does not answer and `notes` is given,
+    the use is still counted, the limits stay unknown (None) and `notes` gets a line saying the answer is
+    incomplete; without `notes` that is an error."""
     usage = parse_squeue(_run(["squeue", "-h", "-a", "-o", "%a|%T|%D|%b|%i"]))
-    limits = parse_sacctmgr_limits(_run(["sacctmgr", "-nP", "show", "assoc", "format=account,user,grptres"]))
+    try:
+        limits = parse_sacctmgr_limits(_run(["sacctmgr", "-nP", "show", "assoc", "format=account,user,grptres"]))
+    except BackendError as exc:
+        if notes is None:
+            raise
+        notes.append(f"incomplete: the cluster's limits are unknown, Slurm's accounting did not answer "
+                     f"({str(exc).splitlines()[-1]}); "
+                     "the GPUs in use are counted from squeue")
+        return usage
     for account, limit in limits.items():
         usage.setdefault(account, Usage(account)).limit = limit
     return usage
@@ -263,9 +295,21 @@ def parse_sacct(text: str) -> list[dict[str, Any]]:
     return rows
 
 
-def slurm_report_rows(since: str) -> list[dict[str, Any]]:
-    return parse_sacct(_run(["sacct", "-a", "-X", "-n", "-P", "--starttime", since,
-                             "-o", "JobID,JobName,Account,User,AllocTRES,ElapsedRaw,State"]))
+def slurm_report_rows(since: str, notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """GPU-hours per job from sacct. When Slurm's accounting does not answer and `notes` is given, the report
+    falls back to the jobs of this registry (those mbl submitted here), each counted from its submission to its
+    end or now (an upper bound: pending time counts), and `notes` says the report is incomplete."""
+    try:
+        return parse_sacct(_run(["sacct", "-a", "-X", "-n", "-P", "--starttime", since,
+                                 "-o", "JobID,JobName,Account,User,AllocTRES,ElapsedRaw,State"]))
+    except BackendError as exc:
+        if notes is None:
+            raise
+        notes.append(f"incomplete: Slurm's accounting did not answer ({str(exc).splitlines()[-1]}); only the jobs "
+                     "in this mbl registry "
+                     "are counted, each from its submission to its end or now (pending time included), and "
+                     "other users' jobs are missing")
+        return registry_report_rows(since, backend="slurm")
 
 
 def registry_report_rows(since: str, backend: str = "k8s", ended_at: Any = None) -> list[dict[str, Any]]:

@@ -79,6 +79,14 @@ class Registry:
             self._db.execute("UPDATE jobs SET extra = ? WHERE id = ?", (json.dumps(extra), record.id))
         record.extra = dict(extra)
 
+    def save_extras(self, updates: list[tuple[Record, dict[str, Any]]]) -> None:
+        """save_extra of many records in one transaction (`mbl list` recording the end of many jobs)."""
+        with self._db:
+            self._db.executemany("UPDATE jobs SET extra = ? WHERE id = ?",
+                                 [(json.dumps(extra), record.id) for record, extra in updates])
+        for record, extra in updates:
+            record.extra = dict(extra)
+
     def _rows(self, where: str = "", args: tuple = ()) -> list[Record]:
         rows = self._db.execute(
             "SELECT id, name, backend, job_id, run_dir, team, kind, gpus, submitted_at, extra FROM jobs "

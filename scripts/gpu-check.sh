@@ -41,25 +41,9 @@ else
 fi
 
 # ---- a Python that has the trainer ------------------------------------------------------------------------
-export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-CHECK_IMPORTS="import torch, deepspeed, transformers, datasets, launcher.torchrun, jobs.launch, jobs.train
-assert torch.cuda.is_available() or '$GPU' == '0', 'torch ' + torch.__version__ + ' sees no CUDA device'"
-PY=
-for candidate in ${MBL_PYTHON:-} "$REPO/.venv/bin/python" "$HOME/.cache/mbl/gpu-check-venv/bin/python" python3; do
-  if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "$CHECK_IMPORTS" >/dev/null 2>&1; then
-    PY=$(command -v "$candidate")
-    break
-  fi
-done
-if [ -z "$PY" ]; then
-  VENV=$HOME/.cache/mbl/gpu-check-venv
-  say "installing the trainer into $VENV (pip install -e .[trainer]; torch with CUDA from PyPI)"
-  python3 -m venv "$VENV" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip || die "pip failed"
-  "$VENV/bin/python" -m pip install -q -e "${REPO}[trainer]" || die "pip install -e .[trainer] failed"
-  PY=$VENV/bin/python
-  "$PY" -c "$CHECK_IMPORTS" || die "the new venv still cannot run the trainer (above: why)"
-fi
+# shellcheck source=scripts/lib/trainer.sh
+source "$REPO/scripts/lib/trainer.sh"
+find_trainer_python "$GPU" || die "no Python can run the trainer"
 say "python: $PY"
 "$PY" - <<'PY'
 import platform
@@ -78,35 +62,6 @@ PY
 # ---- helpers ------------------------------------------------------------------------------------------------
 if [ "$GPU" = 1 ]; then PRECISION=bf16; else PRECISION=fp32; fi
 COMMON=("distributed.gpus_per_node=1" "train.precision=$PRECISION" "train.deterministic=true")
-
-write_spec() {  # EXAMPLE RUN_DIR SET...: the resolved spec in RUN_DIR/spec.yaml, as `mbl submit` writes it
-  "$PY" - "$REPO" "$@" <<'PY'
-import sys
-from pathlib import Path
-from launcher.loading import load_spec
-from launcher.rundir import write_spec
-repo, example, run_dir, *sets = sys.argv[1:]
-spec = load_spec(Path(repo) / example, sets=[f"checkpoint.dir={run_dir}", *sets]).resolved(Path(repo))
-print(write_spec(spec))
-PY
-}
-
-TORCHRUN_ARGS='import sys
-from launcher.loading import load_spec
-from launcher.torchrun import torchrun_args
-print("\n".join(torchrun_args(load_spec(sys.argv[1]), ["--standalone", "--nnodes=1"])))'
-
-launch() {  # SPEC LOG JOB ATTEMPT: the local backend's command for SPEC, in the background; sets LAUNCH_PID
-  local args
-  mapfile -t args < <("$PY" -c "$TORCHRUN_ARGS" "$1")
-  MBL_BACKEND=local MBL_JOB_ID=$3 MBL_ATTEMPT=$4 "$PY" -m jobs.launch --spec "$1" -- "${args[@]}" >>"$2" 2>&1 &
-  LAUNCH_PID=$!
-}
-
-run_job() {  # SPEC LOG JOB ATTEMPT: run to the end; returns the launch's exit code
-  launch "$@"
-  wait "$LAUNCH_PID"
-}
 
 last_step() {  # RUN_DIR: the last step in metrics.jsonl (0 when none yet)
   local s

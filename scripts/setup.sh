@@ -22,6 +22,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[trainer,cpu,test,plot]"
+.venv/bin/python -m pip install -q -e ".[trainer,cpu,test,plot,tracking]"
 echo "$want" >"$stamp"
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -10,4 +10,6 @@ MBL_IMAGE="$(./images/setup.sh)"
 # shellcheck disable=SC1091
 source "${MBL_SLURM_DIR:-/tmp/mbl-slurm}/env.sh"
 export MBL_REQUIRE_SLURM=1 MBL_REQUIRE_CONTAINERS=1 MBL_IMAGE
-exec .venv/bin/python -m pytest -ra --durations=15 "$@"
+# Two workers: one runs everything that uses the Slurm cluster or podman, in order; the other the rest, a
+# file at a time (tests/conftest.py groups them). Most of the suite waits on jobs, so this halves its time.
+exec .venv/bin/python -m pytest -ra --durations=15 -n 2 --dist loadgroup "$@"

@@ -52,3 +52,65 @@ def _needs_slurm(request: pytest.FixtureRequest) -> None:
     if os.environ.get("MBL_REQUIRE_SLURM") == "1":
         pytest.fail(message)
     pytest.skip(message)
+
+
+# ---- parallel runs (pytest -n 2 --dist loadgroup, as scripts/test.sh runs them) ---------------------------
+# The local Slurm cluster has two nodes and podman one store: every test that submits to the cluster or runs
+# containers goes to one worker, in order ("cluster"); every other file stays whole on one worker, so its
+# module fixtures (a trained model, a prepared corpus) are built once.
+CLUSTER_FILES = ("test_containers", "test_slurm_cluster", "test_slurm_faults", "test_slurm_tour", "test_load")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        file = item.path.stem
+        cluster = item.get_closest_marker("slurm") is not None or file.startswith(CLUSTER_FILES)
+        item.add_marker(pytest.mark.xdist_group("cluster" if cluster else file))
+
+
+def _fuzz_counts_dir(config: pytest.Config) -> Path:
+    folder = config.rootpath / ".pytest_cache" / "fuzz-examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the controller (or a plain run): start from zero
+        for old in _fuzz_counts_dir(session.config).glob("*.json"):
+            old.unlink()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A worker hands its example counts to the controller through the cache directory."""
+    fuzz = sys.modules.get("fuzz_util")
+    worker = getattr(session.config, "workerinput", {}).get("workerid")
+    if worker and fuzz is not None and fuzz.EXAMPLES:
+        import json
+
+        (_fuzz_counts_dir(session.config) / f"{worker}.json").write_text(
+            json.dumps({"examples": fuzz.EXAMPLES, "outcomes": fuzz.OUTCOMES}))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How many examples each property-based test ran (tests/fuzz_util.py), so that CI logs show them."""
+    import json
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    outcomes: dict[str, Counter[str]] = {}
+    fuzz = sys.modules.get("fuzz_util")
+    parts = [{"examples": fuzz.EXAMPLES, "outcomes": fuzz.OUTCOMES}] if fuzz is not None else []
+    parts += [json.loads(p.read_text()) for p in _fuzz_counts_dir(terminalreporter.config).glob("*.json")]
+    for part in parts:
+        counts.update(part["examples"])
+        for name, ends in part["outcomes"].items():
+            outcomes.setdefault(name, Counter()).update(ends)
+    if not counts:
+        return
+    profile = os.environ.get("MBL_FUZZ_PROFILE", "ci")
+    terminalreporter.section(f"hypothesis examples (profile {profile})")
+    for name, count in sorted(counts.items()):  # how the runs of mbl ended: a property must see both
+        ends = outcomes.get(name)
+        tail = f"   (mbl runs: {ends['ok']} ok, {ends['refused']} refused)" if ends else ""
+        terminalreporter.write_line(f"{count:7d}  {name}{tail}")
+    terminalreporter.write_line(f"{sum(counts.values()):7d}  in all")

@@ -207,6 +207,37 @@ def test_a_slow_save_is_finished_after_sigterm(prepared, tmp_path):
     assert latest(run) == "checkpoints/step-00000002" and checkpoints(run) == {2: None}
 
 
+@pytest.mark.slow
+def test_a_stop_signal_during_a_background_write_exits_only_once_both_saves_are_durable(prepared, tmp_path):
+    """Rank 1's background write of step 4 sleeps 4 s while training goes on; SIGTERM to both ranks in that
+    sleep. They stop at the next step boundary, wait for the write of step 4, save their step blocking, and exit
+    75 with that step `latest`, both checkpoints complete and verified."""
+    run = tmp_path / "run"
+    spec = write_spec(run, prepared, "train.max_steps=50", "checkpoint.every_steps=4")
+    procs, files = start(spec, tmp_path / "stop", env={"MBL_FAULT_WRITE_DELAY": "4@4", "MBL_FAULT_RANK": "1"})
+    try:
+        deadline = time.time() + 240
+        while "MBL_FAULT_WRITE_DELAY: rank 1 sleeps 4s inside the background write of step 4" not in files[1].read_text():
+            alive = all(p.poll() is None for p in procs)
+            assert time.time() < deadline and alive, [f.read_text()[-3000:] for f in files]
+            time.sleep(0.1)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    outs = [f.read_text() for f in files]
+    assert codes == [contract.REQUEUE_EXIT_CODE] * 2, (codes, mbl_lines(outs[0]), outs[1][-3000:])
+    stopped = int(re.search(r"stopping at step (\d+): signal SIGTERM", outs[0]).group(1))
+    assert stopped > 4 and max(losses(run)) == stopped  # trained on during the write; the last step is saved
+    background = re.search(r"checkpoint step 4 saved in ([0-9.]+)s \(written in the background", outs[0])
+    assert background and float(background.group(1)) >= 4.0, mbl_lines(outs[0])
+    assert outs[0].index("checkpoint step 4 saved") < outs[0].index(f"checkpoint step {stopped} saved")
+    assert latest(run) == f"checkpoints/{step_name(stopped)}" and checkpoints(run) == {4: None, stopped: None}
+
+
 def test_save_delay_is_checked(monkeypatch, tmp_path):
     monkeypatch.setenv("MBL_FAULT_SAVE_DELAY", "soon")
     with pytest.raises(ValueError, match=r"MBL_FAULT_SAVE_DELAY='soon': expected <seconds>\[@<step>\]"):
@@ -354,3 +385,173 @@ def test_write_file_hashes_while_writing(tmp_path):
     info = write_file(path, lambda f: torch.save({"w": torch.arange(10_000)}, f))
     assert info == {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     assert torch.equal(torch.load(path)["w"], torch.arange(10_000))
+
+
+# ---- saves in the background (in process: one rank, gloo, an engine that saves like DeepSpeed's) ---------
+
+
+def test_host_copy_serializes_the_same_bytes_and_training_cannot_change_it():
+    import collections
+    import io
+
+    import torch
+
+    from jobs.snapshot import HostPool, Snapshot
+
+    flat = torch.randn(1000)  # like ZeRO's flat buffers: the state's tensors are views of one storage
+    weights = collections.OrderedDict(w=flat[:600].view(20, 30), b=flat[600:620])
+    weights._metadata = {"": {"version": 1}}  # what Module.state_dict sets on its OrderedDict
+    master = torch.nn.Parameter(torch.randn(50))
+    groups = [{"params": [0, 1], "lr": 1e-3}]
+    state = {"module": weights, "fp32": [master.narrow(0, 0, 40)], "master": master, "groups": groups,
+             "again": groups, "shapes": (torch.Size([20, 30]), torch.float32), "step": torch.tensor(7), "empty":
+             torch.empty(0)}
+
+    def saved(obj) -> bytes:
+        f = io.BytesIO()
+        torch.save(obj, f)
+        return f.getvalue()
+
+    pool = HostPool()
+    snap = Snapshot(pool)
+    copy = snap.copy(state)
+    snap.ready()
+    before = saved(state)
+    assert saved(copy) == before  # the same storages, views, sharing, types and requires_grad
+    assert copy["again"] is copy["groups"] and type(copy["module"]) is collections.OrderedDict
+    flat.add_(1.0)  # training goes on
+    with torch.no_grad():
+        master.mul_(2.0)
+    groups[0]["lr"] = 5e-4
+    assert saved(copy) == before
+    assert snap.nbytes == 4 * (1000 + 50) + 8  # each storage once: flat, master, the int64 step
+    snap.release()
+    again = Snapshot(pool)
+    again.copy(state)
+    assert pool.allocated == snap.nbytes  # the second save reuses the first one's buffers
+
+
+class TorchCheckpointEngine:
+    """Named as DeepSpeed's plain engine: Checkpointer routes its writes through write_file."""
+
+    zipfile_serialization = True
+
+    def save(self, state_dict, path):
+        raise AssertionError("routed by Checkpointer, never called")
+
+
+class FakeEngine:
+    """What Checkpointer.save uses of a DeepSpeed engine: save_checkpoint, saving through its checkpoint engine."""
+
+    def __init__(self):
+        import torch
+
+        self.checkpoint_engine = TorchCheckpointEngine()
+        self.weights = torch.zeros(10_000)
+
+    def train_step(self) -> None:
+        self.weights.add_(1.0)
+
+    def save_checkpoint(self, save_dir, tag, save_latest):
+        folder = Path(save_dir) / tag
+        folder.mkdir(exist_ok=True)
+        self.checkpoint_engine.save({"module": {"w": self.weights}}, str(folder / "mp_rank_00_model_states.pt"))
+        self.checkpoint_engine.save({"optimizer_state_dict": {"exp_avg": self.weights * 0.5}},
+                                    str(folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+
+
+@pytest.fixture
+def one_rank():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def saver(run: Path, logs: list) -> Checkpointer:
+    return Checkpointer(run, SimpleNamespace(checkpoint=SimpleNamespace(keep_last=5)), 0, 1, log=logs.append)
+
+
+def trainer_state(step: int) -> dict:
+    return {"step": step, "metric": None, "best_step": None}
+
+
+def test_a_background_save_moves_latest_only_once_written_and_the_next_save_waits_for_it(one_rank, tmp_path,
+                                                                                          monkeypatch):
+    import threading
+
+    import torch
+
+    gate = threading.Event()  # holds the background write before its first file
+    monkeypatch.setattr(Checkpointer, "_delay", lambda self, step, background=False: background and gate.wait(30))
+    run, logs, engine = tmp_path / "run", [], FakeEngine()
+    ckpt = saver(run, logs)
+    ckpt.save(engine, trainer_state(1), {"position": 1})
+    assert latest(run) == "checkpoints/step-00000001" and logs[-1].startswith("checkpoint step 1 saved in ")
+
+    engine.train_step()  # weights 1.0
+    ckpt.save(engine, trainer_state(2), {"position": 2}, background=True)
+    tmp = run / contract.CHECKPOINTS_DIR / (TMP_PREFIX + step_name(2))
+    for _ in range(3):  # training goes on and changes the state; the write waits at the gate
+        engine.train_step()
+        ckpt.poll()
+    assert ckpt.in_flight == 2 and latest(run) == "checkpoints/step-00000001"
+    assert tmp.is_dir() and not list(tmp.iterdir())  # nothing written yet, nothing counts
+    assert checkpoints(run) == {1: None}
+
+    # The next save waits for the write in flight: it cannot start before the gate opens.
+    done = threading.Event()
+    blocking = threading.Thread(target=lambda: (ckpt.save(engine, trainer_state(5), {"position": 5}), done.set()))
+    blocking.start()
+    assert not done.wait(0.5) and latest(run) == "checkpoints/step-00000001"
+    gate.set()
+    blocking.join(30)
+    assert done.is_set() and ckpt.in_flight is None
+    assert latest(run) == "checkpoints/step-00000005" and checkpoints(run) == {1: None, 2: None, 5: None}
+    assert re.fullmatch(r"checkpoint step 2 saved in [0-9.]+s \(written in the background; training was blocked "
+                        r"[0-9.]+s for the copy of 0\.00 GB to host memory\)", logs[-2]), logs
+    folder = run / contract.CHECKPOINTS_DIR / step_name(2)
+    assert torch.equal(torch.load(folder / "mp_rank_00_model_states.pt")["module"]["w"], torch.ones(10_000))
+    assert torch.load(folder / "rank-00000.pt", weights_only=False)["position"] == 2
+
+
+def test_an_error_in_the_background_write_surfaces_at_the_next_step_and_latest_stays(one_rank, tmp_path,
+                                                                                   monkeypatch):
+    import errno
+
+    import jobs.checkpoint as C
+    from jobs.checkpoint import CheckpointError
+
+    run, logs, engine = tmp_path / "run", [], FakeEngine()
+    ckpt = saver(run, logs)
+    ckpt.save(engine, trainer_state(1), {"position": 1}, background=True)
+    ckpt.wait()
+    assert latest(run) == "checkpoints/step-00000001"
+
+    real = C.write_file
+
+    def full_disk(path, fill):
+        if path.name == "rank-00000.pt":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, fill)
+
+    monkeypatch.setattr(C, "write_file", full_disk)
+    ckpt.save(engine, trainer_state(2), {"position": 2}, background=True)  # returns: the write is the thread's
+    ckpt._job.thread.join(30)
+    with pytest.raises(CheckpointError) as info:
+        ckpt.poll()  # the step boundary after the write ended
+    message = str(info.value)
+    assert message.startswith("checkpoint step-00000002 could not be written: rank 0: no space left on device "
+                              "(ENOSPC) writing checkpoints/.tmp-step-00000002/rank-00000.pt"), message
+    assert "checkpoints/step-00000001 is intact and still `latest`" in message, message
+    assert latest(run) == "checkpoints/step-00000001" and checkpoints(run) == {1: None}
+    assert not [p for p in (run / contract.CHECKPOINTS_DIR).iterdir() if p.name.startswith(TMP_PREFIX)]
+    assert ckpt.in_flight is None
+
+    monkeypatch.setattr(C, "write_file", real)  # room again: the next save works
+    ckpt.save(engine, trainer_state(3), {"position": 3}, background=True)
+    ckpt.wait()
+    assert latest(run) == "checkpoints/step-00000003" and checkpoints(run) == {1: None, 3: None}

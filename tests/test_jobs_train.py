@@ -121,7 +121,8 @@ def test_pretrain_halves_heldout_loss(pretrained):
     assert summary["heldout_loss"] <= 0.5 * summary["heldout_loss_start"], summary
     assert (run / contract.DONE_FILE).exists()
     rows = train_rows(run)
-    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[-1])
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "data_share"} <= set(rows[-1])
+    assert all(0 <= r["data_share"] < 1 for r in rows), [r["data_share"] for r in rows]
     assert rows[-1]["step"] == 150 and rows[-1]["grad_norm"] > 0
     assert any((run / "tb").iterdir())
     assert (run / contract.LATEST_FILE).read_text().strip() == "checkpoints/step-00000100"
@@ -183,14 +184,19 @@ def test_finished_job_exits_at_once(pretrained):
     assert len(metrics(run)) == before
 
 
-def test_kill9_resume_is_bit_identical_then_corrupt_latest_falls_back(pretrained, tmp_path):
+def test_kill9_during_a_background_write_resumes_bit_identical_then_corrupt_latest_falls_back(pretrained, tmp_path):
+    """Rank 1's background write of the step-100 checkpoint is held (MBL_FAULT_WRITE_DELAY) while training goes on
+    past step 110, then kill -9 of the whole job: `latest` still names step 50, and the restart resumes there and
+    ends bit for bit where the uninterrupted run ended."""
     ref = pretrained[0]
     run = tmp_path / "tiny-pretrain"
     spec = write_spec("examples/pretrain-tiny.yaml", run)
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "jobs.train", "--spec", str(spec)]
-    job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {**os.environ, "MBL_FAULT_WRITE_DELAY": "600@100", "MBL_FAULT_RANK": "1"}
+    job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                           env=env)
     try:
-        wait_for_step(run, 70)
+        wait_for_step(run, 110)
     finally:
         for pid in descendants(job.pid):  # kill -9 of the whole job: torchrun and every rank at once
             try:
@@ -200,7 +206,9 @@ def test_kill9_resume_is_bit_identical_then_corrupt_latest_falls_back(pretrained
         job.wait()
     assert not (run / contract.DONE_FILE).exists()
     killed_at = train_rows(run)[-1]["step"]
-    assert 70 <= killed_at < 100
+    assert 110 <= killed_at < 150
+    assert (run / contract.LATEST_FILE).read_text().strip() == "checkpoints/step-00000050"
+    assert (run / "checkpoints/.tmp-step-00000100").is_dir() and not (run / "checkpoints/step-00000100").exists()
     out = ok(torchrun(spec))
     assert "resumed from checkpoints/step-00000050" in out, mbl_lines(out)
     weights = contract.FINAL_DIR + "/model.safetensors"
@@ -271,3 +279,42 @@ def test_zero_stages_train(pretrained, tmp_path, stage, extra):
     rows = train_rows(run)
     assert len(rows) == 8 and rows[-1]["loss"] < rows[0]["loss"] - 0.3, rows
     assert AutoModelForMaskedLM.from_pretrained(run / contract.FINAL_DIR) is not None
+
+
+def test_a_hung_rank_is_caught_with_stacks_requeued_and_the_job_resumes(pretrained, tmp_path):
+    """Rank 1 sleeps at step 12 (MBL_FAULT_HANG); rank 0 waits for it in a collective. Within the 8 s hang limit
+    both ranks log their stacks and exit 76, the launch classifies a hang and exits 143 (requeue); the next
+    attempt resumes from step 10 and finishes. The process group's timeout comes from the spec."""
+    from launcher.outcomes import records
+    from launcher.torchrun import torchrun_args
+
+    run = tmp_path / "hang"
+    spec = write_spec("examples/pretrain-tiny.yaml", run, f"data.prepared={pretrained[0]}", "train.max_steps=30",
+                      "train.warmup_steps=0", "checkpoint.every_steps=10", "train.eval_every_steps=30",
+                      "train.log_every_steps=1", "distributed.hang_timeout_seconds=8",
+                      "distributed.collective_timeout_seconds=120")
+    args = torchrun_args(load_spec(spec), ["--standalone", "--nnodes=1"])
+    cmd = [sys.executable, "-m", "jobs.launch", "--spec", str(spec), "--", *args]
+    env = {**os.environ, "MBL_BACKEND": "local", "MBL_JOB_ID": "hang-test", "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    first = subprocess.run(cmd, cwd=REPO, env={**env, "MBL_ATTEMPT": "0", "MBL_FAULT_HANG": "1@12"},
+                           capture_output=True, text=True, timeout=240)
+    log = first.stdout + first.stderr
+    assert first.returncode == contract.LAUNCH_REQUEUE, log[-4000:]
+    hung_at = next(r["time"] for r in train_rows(run) if r["step"] == 12)
+    assert time.time() - t0 < 200
+    assert "MBL_FAULT_HANG: rank 1 sleeps at step 12" in log
+    assert "[mbl] hang: rank 1" in log and "[mbl] hang: rank 0" in log, log[-4000:]
+    assert "in fault_hang" in log  # rank 1's stack shows where it is
+    [record] = records(run)
+    assert record["cause"] == "hang" and record["outcome"] == "requeue", record
+    assert "no progress on rank(s)" in record["reason"]
+    assert (run / contract.LATEST_FILE).read_text().strip() == "checkpoints/step-00000010"
+    detected = max(p.stat().st_mtime for p in (run / contract.LOGS_DIR).glob("outcome-*.json"))
+    assert detected - hung_at < 8 + 30, (detected - hung_at)  # the limit, plus shutdown and classification
+
+    second = subprocess.run(cmd, cwd=REPO, env={**env, "MBL_ATTEMPT": "1"}, capture_output=True, text=True,
+                            timeout=240)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    assert "resumed from checkpoints/step-00000010" in second.stdout + second.stderr
+    assert (run / contract.DONE_FILE).exists()

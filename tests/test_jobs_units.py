@@ -171,3 +171,48 @@ def test_export_of_an_unfinished_run_is_a_clean_usage_error(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "error:" in proc.stderr and "has not finished" in proc.stderr and "fix: wait for the job" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _tiny_model(**model):
+    from jobs.model import pretrain_model
+
+    spec = JobSpec.model_validate({"kind": "pretrain", "name": "t", "model": {"preset": "tiny", **model},
+                                   "data": {"train": ["x.txt"], "seq_len": 64}})
+    ids = {name: i for i, name in enumerate(D.SPECIAL_TOKENS)}
+    return spec, pretrain_model(spec, 300, ids)
+
+
+def test_model_attention_is_applied_and_a_missing_kernel_names_the_field():
+    from jobs.errors import DataError
+
+    spec, model = _tiny_model(attention="eager")
+    assert model.config._attn_implementation == "eager"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(DataError, match="model.attention=flash_attention_2"):
+            _tiny_model(attention="flash_attention_2")
+    # the kernels are not part of what a run's numbers depend on: a resumed run may switch them
+    assert spec.training_fingerprint() == spec.model_copy(update={"model": spec.model.model_copy(
+        update={"attention": "sdpa"})}).training_fingerprint()
+
+
+def test_compile_is_in_place_so_checkpoint_names_do_not_change():
+    from jobs.runtime import compile_encoder
+
+    _, model = _tiny_model()
+    before = list(model.state_dict())
+    compile_encoder(model)
+    assert list(model.state_dict()) == before  # no `_orig_mod.` prefix: checkpoints and exports load as before
+    assert model.model._compiled_call_impl is not None and getattr(model, "_compiled_call_impl", None) is None
+
+
+def test_tokenizer_threads_follow_the_cpus_the_job_was_given(monkeypatch):
+    """A Slurm job given 3 CPUs of a 128-core node tokenizes with 3 threads, not 128; the user's setting wins."""
+    for var in ("RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS"):
+        monkeypatch.setenv(var, "0")  # recorded, so the value set below is undone after the test
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(D.os, "sched_getaffinity", lambda pid: {0, 5, 7})
+    assert D.job_cpus() <= 3 and D.size_tokenizer_threads() == D.job_cpus()
+    monkeypatch.setenv("RAYON_NUM_THREADS", "1")
+    assert D.size_tokenizer_threads() == 1

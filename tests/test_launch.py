@@ -179,3 +179,77 @@ def test_outcome_exit_codes_match_the_contract() -> None:
     assert Outcome("done", "done", "").exit_code == 0
     assert Outcome("requeue", "signal", "").exit_code == 143
     assert Outcome("failed", "usage", "").exit_code == 1
+
+
+def test_an_older_torchrun_without_shutdown_timeout_keeps_the_grace(monkeypatch) -> None:
+    """torch 2.11's torchrun (the GPU image's) has no --shutdown-timeout: it is dropped, not an exit 2 of every
+    job, and the grace moves to the default of the process context's close(), which that torchrun calls."""
+    import torch.distributed.run as run
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    from jobs.launch import compatible_args
+
+    args = ["--standalone", "--nproc-per-node=2", "--shutdown-timeout=330", "--signals-to-handle=SIGTERM,SIGUSR1"]
+    assert compatible_args(args) == (args, [])  # this torch knows them all
+    newest = run.get_args_parser
+
+    def older():
+        parser = newest()
+        parser._actions = [a for a in parser._actions if "--shutdown-timeout" not in a.option_strings]
+        return parser
+
+    monkeypatch.setattr(run, "get_args_parser", older)
+    monkeypatch.setattr(PContext.close, "__defaults__", PContext.close.__defaults__)
+    keep, dropped = compatible_args(args)
+    assert dropped == ["--shutdown-timeout=330"] and "--shutdown-timeout=330" not in keep
+    assert PContext.close.__defaults__[-1] == 330
+
+
+def test_a_hang_requeues_until_the_restarts_are_used_up() -> None:
+    hang = {0: contract.HANG_EXIT_CODE, 1: -signal.SIGTERM}
+    first = classify(hang, None, None, 10, 10, 0, 0)  # even the local backend (no restarts) requeues a first hang
+    assert (first.outcome, first.cause, first.exit_code) == ("requeue", "hang", contract.LAUNCH_REQUEUE)
+    assert "rank(s) 0" in first.reason and "stacks" in first.reason
+    assert classify(hang, None, None, 10, 10, 3, 10).outcome == "requeue"
+    assert classify(hang, None, None, 10, 10, 10, 10).outcome == "failed"
+
+
+def test_the_watchdog_dumps_every_stack_and_exits_76(tmp_path: Path) -> None:
+    """A rank whose step does not come back: stacks of every thread on stderr, exit 76, within the limit; while
+    the loop saves (`long()`), the long limit applies instead."""
+    script = (
+        "import time\n"
+        "from jobs.watchdog import Watchdog\n"
+        "wd = Watchdog(0, 1.0, 3.0, poll=0.1)\n"
+        "wd.beat(5, 0.01)\n"
+        "with wd.long():\n"
+        "    time.sleep(1.8)\n"  # a save longer than the step limit, shorter than the long one: no hang
+        "print('save survived', flush=True)\n"
+        "def stuck_in_a_collective():\n"
+        "    time.sleep(60)\n"
+        "stuck_in_a_collective()\n")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == contract.HANG_EXIT_CODE, proc.stderr
+    assert time.time() - t0 < 30
+    assert "save survived" in proc.stdout
+    assert "[mbl] hang: rank 0" in proc.stderr and "after step 5" in proc.stderr
+    assert "stuck_in_a_collective" in proc.stderr and "mbl-watchdog" not in proc.stdout
+
+
+def test_a_bad_node_requeues_until_the_restarts_are_used_up() -> None:
+    bad = {0: contract.NODE_EXIT_CODE, 1: contract.NODE_EXIT_CODE}
+    first = classify(bad, None, None, None, None, 0, 0)
+    assert (first.outcome, first.cause) == ("requeue", "node") and "bad-nodes" in first.reason
+    assert classify(bad, None, None, None, None, 3, 3).outcome == "failed"
+
+
+def test_the_preflight_runs_on_multi_node_attempts_unless_the_spec_says(monkeypatch) -> None:
+    from jobs.preflight import wanted
+
+    spec = load_spec(REPO / "examples" / "pretrain-tiny.yaml")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert not wanted(spec, 2) and wanted(spec, 4)
+    on = load_spec(REPO / "examples" / "pretrain-tiny.yaml", sets=["distributed.preflight=true"])
+    off = load_spec(REPO / "examples" / "pretrain-tiny.yaml", sets=["distributed.preflight=false"])
+    assert wanted(on, 2) and not wanted(off, 4)

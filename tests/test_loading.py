@@ -43,7 +43,8 @@ def test_extends_cycle_is_an_error(tmp_path):
     write(tmp_path / "b.yaml", "extends: a.yaml\n")
     with pytest.raises(SpecError) as info:
         load_spec(tmp_path / "a.yaml")
-    assert "too deep" in info.value.problems[0].message
+    [problem] = info.value.problems
+    assert "cycle" in problem.message and problem.line == 1 and problem.path == ("extends",)
 
 
 def test_set_takes_the_fields_type(tmp_path):
@@ -130,3 +131,12 @@ def test_profile_and_policy_errors_have_lines_and_suggestions(tmp_path):
     assert f"{policy}:4: teams.nlp.max_gpu_per_job: unknown key `max_gpu_per_job`; did you mean " \
            "`max_gpus_per_job`?" in text, text
     assert f"{policy}:5: teams.vision.gpus:" in text and "(given: -1)" in text, text
+
+
+def test_config_overrides_from_set_are_typed() -> None:
+    """ModernBertConfig rejects "50368" for vocab_size: --set values of config_overrides become numbers/booleans."""
+    spec = load_spec(EXAMPLES / "pretrain-tiny.yaml", sets=[
+        "model.config_overrides.vocab_size=50368", "model.config_overrides.norm_eps=1e-5",
+        "model.config_overrides.tie_word_embeddings=false", "model.config_overrides.hidden_activation=gelu"])
+    assert spec.model.config_overrides == {"vocab_size": 50368, "norm_eps": 1e-5, "tie_word_embeddings": False,
+                                           "hidden_activation": "gelu"}

@@ -159,7 +159,7 @@ def test_precheck_counts_the_account_and_partition_the_job_is_submitted_to(tmp_p
     backend._profile = Profile.model_validate({"name": "p", "slurm": {
         "default_account": "research", "partitions": [{"name": "batch", "default": True}], "shared_root": "/"}})
     # squeue's view: account research already holds 4 GPUs, account nlp none
-    monkeypatch.setattr(q, "slurm_usage", lambda: {"research": q.Usage("research", running=4)})
+    monkeypatch.setattr(q, "slurm_usage", lambda notes=None: {"research": q.Usage("research", running=4)})
     with pytest.raises(q.QuotaExceeded) as err:
         _quota_precheck("slurm", job(distributed={"gpus_per_node": 1}, train={"global_batch_size": 8}), backend)
     assert "1 GPUs, 4 are in use" in str(err.value)

@@ -146,3 +146,40 @@ def test_cancel_and_status_of_a_pending_job(cluster: dict) -> None:
     assert f"cancelled {name}" in out
     st = wait_for("CANCELLED", lambda: (s := status(cluster, name))["state"] == "CANCELLED" and s, 60)
     assert "nothing to cancel" in mbl(cluster, "cancel", name).stdout
+
+
+def test_a_hung_rank_is_requeued_with_its_stacks_and_resumes(cluster: dict) -> None:
+    """Rank 1 (the second node) sleeps at step 40 of attempt 0: within the 15 s hang limit both ranks log their
+    stacks and exit 76; jobs.launch says requeue, the script requeues, and attempt 1 resumes from step 30."""
+    name, job_id, run_dir = submit(cluster, "hang", "env.MBL_FAULT_HANG=1@40@0",
+                                   "distributed.hang_timeout_seconds=15",
+                                   "distributed.collective_timeout_seconds=300")
+    release_requeued(cluster, job_id, timeout=240)
+    first = (run_dir / "logs" / "attempt-0.log").read_text()
+    assert "MBL_FAULT_HANG: rank 1 sleeps at step 40" in first, first[-3000:]
+    assert "[mbl] hang: rank 1" in first and "in fault_hang" in first, first[-3000:]
+    assert "[mbl] hang: rank 0" in first  # rank 0 waited for it in a collective: its stack says where
+    assert "requeue (exit 143): no progress on rank(s)" in first, first[-3000:]
+    assert_resumed_and_finished(cluster, name, run_dir)
+
+
+def test_a_node_failing_the_preflight_is_named_and_excluded_from_the_requeue(cluster: dict) -> None:
+    """A one-node job with the preflight on; attempt 0's node fails its shared-storage check (fault point): the
+    log names the node and the check, the script requeues excluding it, and attempt 1 runs on the other node."""
+    name, job_id, run_dir = submit(cluster, "preflight", "distributed.nodes=1", "distributed.gpus_per_node=2",
+                                   "resources.mem_per_node=3G", "distributed.preflight=true",
+                                   "distributed.preflight_allreduce_mb=8",
+                                   "env.MBL_FAULT_PREFLIGHT=*:shared storage@0")
+    release_requeued(cluster, job_id, timeout=240)
+    first = (run_dir / "logs" / "attempt-0.log").read_text()
+    bad = (run_dir / "logs" / f"bad-nodes-{job_id}").read_text().split()
+    assert len(bad) == 1 and bad[0] in ("node1", "node2"), bad
+    assert f"preflight FAILED on {bad[0]}: shared storage" in first, first[-3000:]
+    assert f"the next attempt excludes {bad[0]}" in first, first[-3000:]
+    assert f"ExcNodeList={bad[0]}" in slurm(cluster, "scontrol", "show", "job", job_id)
+    final = wait_done(cluster, name)
+    assert final["state"] == "COMPLETED", final
+    second = (run_dir / "logs" / "attempt-1.log").read_text()
+    assert "preflight: 2 ranks on 1 host(s) passed" in second and "bus bandwidth" in second, second[-3000:]
+    nodes = slurm(cluster, "sacct", "-n", "-X", "-j", job_id, "-o", "NodeList%30").split()
+    assert bad[0] not in nodes[-1:], nodes

@@ -14,6 +14,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Iterator
 
+from launcher.errors import MblError
 from launcher.spec import JobSpec
 
 
@@ -103,6 +104,18 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def status(self, ref: JobRef) -> JobStatus: ...
+
+    def statuses(self, refs: list[JobRef]) -> list[JobStatus]:
+        """The states of many jobs (`mbl list`), in the order of `refs`. A backend that can ask its cluster about
+        all of them at once (Slurm: one squeue, one sacct) overrides this one-by-one default. A job the cluster
+        could not be asked about is UNKNOWN, with why."""
+        out = []
+        for ref in refs:
+            try:
+                out.append(self.status(ref))
+            except MblError as exc:
+                out.append(JobStatus(JobState.UNKNOWN, str(exc)))
+        return out
 
     @abc.abstractmethod
     def logs(self, ref: JobRef, follow: bool = False, rank: int | None = None) -> Iterator[str]: ...

@@ -1,12 +1,15 @@
 """The Slurm backend: an sbatch script per job (see slurm_render.py), then sbatch / squeue / sacct / scancel.
 
 `dryrun` is pure: the script comes from the spec and the cluster profile. `submit` writes the resolved
-spec and the script into the run directory and runs `sbatch --parsable`. `status` asks squeue (live
-jobs) and then sacct (finished ones), maps Slurm's state names through one table (`SLURM_STATES`) to
-`JobState`, and explains pending reasons (`PENDING_REASONS`). `logs` follows the newest attempt's log.
+spec and the script into the run directory and runs `sbatch --parsable`. `status` / `statuses` ask squeue
+(live jobs) and then sacct (finished ones), one call each for any number of jobs (`mbl list`), map Slurm's
+state names through one table (`SLURM_STATES`) to `JobState`, and explain pending reasons
+(`PENDING_REASONS`). With slurmctld down the states come from sacct, with slurmdbd down from squeue and the
+run directory, and `warnings` says so. `logs` follows the newest attempt's log.
 
 submitit is not used: the job runs torchrun per node (not a pickled Python callable), so its in-job
-`JobEnvironment` has nothing to do, and one `squeue`/`sacct` call per `mbl status` needs no watcher.
+`JobEnvironment` has nothing to do, and one `squeue`/`sacct` call per `mbl status` or `mbl list` needs
+no watcher.
 """
 
 from __future__ import annotations
@@ -197,6 +200,16 @@ def status_from_sacct(row: dict[str, str]) -> JobStatus:
     return JobStatus(state, reason, ", ".join(detail))
 
 
+def _first_error(proc: subprocess.CompletedProcess) -> str:
+    """The last line of a failed Slurm command's message ("slurm_load_jobs error: Unable to contact ..."),
+    without the command's own name in front ("sacct: error: ..." -> "error: ...")."""
+    lines = [x.strip() for x in (proc.stderr or proc.stdout or "").splitlines() if x.strip()]
+    if not lines:
+        return f"exit {proc.returncode}"
+    tool = Path(str(proc.args[0])).name if isinstance(proc.args, list) and proc.args else ""
+    return lines[-1].removeprefix(f"{tool}: ") if tool else lines[-1]
+
+
 def attempt_logs(run_dir: str) -> list[Path]:
     """The attempt logs of a run directory, oldest attempt first."""
     def number(p: Path) -> int:
@@ -214,6 +227,7 @@ class SlurmBackend(Backend):
         self.force = force
         self.poll_seconds = poll_seconds
         self._profile = None
+        self.warnings: list[str] = []  # what a query could not ask (a daemon down), for the CLI to print once
 
     @property
     def profile(self):
@@ -322,29 +336,67 @@ class SlurmBackend(Backend):
 
     # ---- following ----------------------------------------------------------------------------
 
-    def squeue(self, ref: JobRef) -> dict[str, str] | None:
+    def _squeue_rows(self, refs: list[JobRef]) -> tuple[dict[str, dict[str, str]], str | None]:
+        """One `squeue --jobs ID,ID,...` for all `refs`: (rows by job id, None), or ({}, why) when slurmctld did
+        not answer. squeue leaves out the ids it has forgotten (a lone forgotten id is an error it gives)."""
+        ids = list(dict.fromkeys(r.job_id for r in refs))
         fmt = ",".join(f"{f}:|" for f in SQUEUE_FIELDS)
-        proc = self._run(["squeue", "--noheader", "--jobs", ref.job_id, "-O", fmt], ref, check=False)
-        if proc.returncode != 0:  # an id slurmctld has forgotten: "Invalid job id specified"
-            return None
-        rows = [r for r in parse_rows(proc.stdout, SQUEUE_FIELDS) if r["JobID"] == ref.job_id]
-        return rows[0] if rows else None
-
-    def sacct(self, ref: JobRef) -> dict[str, str] | None:
-        proc = self._run(["sacct", "--jobs", ref.job_id, "--allocations", "--parsable2", "--noheader",
-                          f"--format={','.join(SACCT_FIELDS)}"], ref, check=False)
+        proc = self._run(["squeue", "--noheader", "--jobs", ",".join(ids), "-O", fmt], refs[0], check=False)
         if proc.returncode != 0:
-            return None
-        rows = [r for r in parse_rows(proc.stdout, SACCT_FIELDS) if r["JobIDRaw"] == ref.job_id]
-        return rows[-1] if rows else None
+            message = _first_error(proc)
+            return {}, None if "invalid job id" in message.lower() else message
+        rows = {}
+        for row in parse_rows(proc.stdout, SQUEUE_FIELDS):
+            rows.setdefault(row["JobID"], row)
+        return rows, None
 
-    def status(self, ref: JobRef) -> JobStatus:
-        row = self.squeue(ref)
+    def _sacct_rows(self, refs: list[JobRef]) -> tuple[dict[str, dict[str, str]], str | None]:
+        """One `sacct --jobs ID,ID,...` for all `refs`: (the newest row of each job, None), or ({}, why) when
+        Slurm's accounting (slurmdbd, or its database) did not answer."""
+        ids = list(dict.fromkeys(r.job_id for r in refs))
+        proc = self._run(["sacct", "--jobs", ",".join(ids), "--allocations", "--parsable2", "--noheader",
+                          f"--format={','.join(SACCT_FIELDS)}"], refs[0], check=False)
+        if proc.returncode != 0:
+            return {}, _first_error(proc)
+        return {row["JobIDRaw"]: row for row in parse_rows(proc.stdout, SACCT_FIELDS)}, None
+
+    def _warn(self, text: str) -> None:
+        if text not in self.warnings:
+            self.warnings.append(text)
+
+    def statuses(self, refs: list[JobRef]) -> list[JobStatus]:
+        """The states of many jobs with one squeue call, then one sacct call for the jobs squeue does not list
+        (per Slurm configuration: jobs submitted with another SLURM_CONF are asked of their own cluster).
+
+        When slurmctld does not answer, the states come from accounting (sacct); when slurmdbd does not, from
+        squeue alone, and a job squeue has forgotten (MinJobAge after its end) is told by its run directory.
+        Either way `warnings` says so, once."""
+        found: dict[int, JobStatus] = {}
+        groups: dict[str, list[JobRef]] = {}
+        for ref in refs:  # the configuration _run uses: this environment's SLURM_CONF, else the submission's
+            groups.setdefault(os.environ.get("SLURM_CONF") or ref.extra.get("slurm_conf", ""), []).append(ref)
+        for group in groups.values():
+            live, ctld_down = self._squeue_rows(group)
+            need = [r for r in group if r.job_id not in live
+                    or status_from_squeue(live[r.job_id]).state == JobState.UNKNOWN]
+            acct, dbd_down = self._sacct_rows(need) if need else ({}, None)
+            if ctld_down:
+                self._warn(f"slurmctld did not answer (squeue: {ctld_down}); the states come from Slurm's "
+                           "accounting (sacct), which can lag behind the controller by a few seconds")
+            if dbd_down:
+                self._warn(f"Slurm's accounting (slurmdbd) did not answer (sacct: {dbd_down}); the states come "
+                           "from squeue alone, which forgets a job MinJobAge after it ends: such jobs are told "
+                           "by their run directory (DONE, the last attempt's outcome) or shown UNKNOWN")
+            for ref in group:
+                found[id(ref)] = self._combine(ref, live.get(ref.job_id), acct.get(ref.job_id), ctld_down, dbd_down)
+        return [found[id(ref)] for ref in refs]
+
+    def _combine(self, ref: JobRef, row: dict[str, str] | None, acct: dict[str, str] | None,
+                 ctld_down: str | None, dbd_down: str | None) -> JobStatus:
         if row is not None:
             status = status_from_squeue(row)
             if status.state != JobState.UNKNOWN:
                 return status
-        acct = self.sacct(ref)
         if acct is not None:
             status = status_from_sacct(acct)
             if status.state in (JobState.FAILED, JobState.TIMEOUT) and not status.reason:
@@ -353,8 +405,21 @@ class SlurmBackend(Backend):
         if row is not None:
             return status_from_squeue(row)
         if (Path(ref.run_dir) / DONE_FILE).exists():
-            return JobStatus(JobState.COMPLETED, detail="Slurm has forgotten the job; DONE exists")
-        return JobStatus(JobState.UNKNOWN, f"neither squeue nor sacct knows job {ref.job_id}")
+            why = "Slurm's accounting did not answer" if dbd_down else "Slurm has forgotten the job"
+            return JobStatus(JobState.COMPLETED, detail=f"{why}; DONE exists")
+        if ctld_down and dbd_down:
+            why = f"neither slurmctld (squeue) nor slurmdbd (sacct) answered about job {ref.job_id}"
+        elif dbd_down:
+            why = f"squeue no longer lists job {ref.job_id} and Slurm's accounting (sacct) did not answer"
+        elif ctld_down:
+            why = f"slurmctld did not answer and sacct does not know job {ref.job_id}"
+        else:
+            why = f"neither squeue nor sacct knows job {ref.job_id}"
+        outcome = last_outcome(ref.run_dir) if (ctld_down or dbd_down) else ""
+        return JobStatus(JobState.UNKNOWN, why + (f"; the run directory says {outcome}" if outcome else ""))
+
+    def status(self, ref: JobRef) -> JobStatus:
+        return self.statuses([ref])[0]
 
     def logs(self, ref: JobRef, follow: bool = False, rank: int | None = None) -> Iterator[str]:
         """The newest attempt's log; with `follow`, keep reading and move on to each new attempt."""
