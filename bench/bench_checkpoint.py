@@ -1,6 +1,7 @@
 """Training time lost per checkpoint save, and checkpoint write throughput against `dd` on the same disk.
 
-    python bench/bench_checkpoint.py [--preset base large] [--trials 3] [--steps 8] [--threads 1]
+    python bench/bench_checkpoint.py [--preset base large] [--trials 3] [--steps 8] [--threads 1] [--out r.json]
+    python bench/bench_checkpoint.py --summarize r.json
 
 One process, one rank (gloo, CPU): ModernBERT `--preset` built from its config (the full 50,368-token
 vocabulary, no hub download), DeepSpeed ZeRO-1, fp32, AdamW, as the trainer builds it (jobs/runtime.py
@@ -18,9 +19,15 @@ Each trial, for each way of saving (in an order that turns from trial to trial):
                 the window's steps train (Checkpointer.poll at every step boundary, as the loop does), and the
                 window ends with Checkpointer.wait (whatever is still unwritten then counts as lost too)
 
-Training time lost to a save = the time the save call blocked + the window's steps + the final wait, minus
-`--steps` times the median step of the window without a save just before it (so slower steps while a
-background write runs count). The quiet before each pair matters on this VM: after a large flush the host's
+Training time lost to a save, two estimates:
+- adjacent (the one reported): the time the save call blocked + the final wait + how much longer the steps
+  that ran while the write was in flight took than the steps of the same window after it was durable (for a
+  save that blocks until durable, no step runs beside the write, so this is the blocked time). Neighbouring
+  steps see about the same load from the rest of the machine.
+- window against window: blocked + the window's steps + the final wait, minus `--steps` times the median
+  step of the window without a save just before it. Honest but, on a machine whose load moves by 2x within
+  a minute, noisier than the effect.
+The quiet before each pair matters on this VM: after a large flush the host's
 own writeback slows the guest's cores for tens of seconds, and DeepSpeed's save (no fsync) would otherwise
 hand that cost to whichever window came next. Then `dd if=/dev/zero of=<work>/dd.bin bs=1M count=<checkpoint
 size> conv=fsync` into the same folder. Throughput is checkpoint bytes over the time from the start of the
@@ -151,7 +158,7 @@ def bench(preset: str, trials: int, steps: int, work: Path, cooldown: float) -> 
             shutil.rmtree(plain / f"s{n}")
         return out
 
-    modes = ("deepspeed", "blocking", "background")
+    modes = MODES
     rows = []
     for trial in range(trials):
         row = {}
@@ -170,26 +177,70 @@ def bench(preset: str, trials: int, steps: int, work: Path, cooldown: float) -> 
             + f"; dd {row['dd_MBps']:.0f} MB/s", flush=True)
     result = {"preset": preset, "params": params, "steps_per_window": steps, "cooldown_s": cooldown, "trials": rows,
               "host_pool_bytes": ckpt._pool.allocated}
+    result["summary"] = summarize(rows)
+    shutil.rmtree(ctx.run_dir, ignore_errors=True)
+    return result
 
+
+MODES = ("deepspeed", "blocking", "background")
+
+
+def slowdown(w: dict) -> float:
+    """The extra time of the window's steps that ran while the save was still being written (they start before
+    `durable_s`), against the median of its steps that ran after it: steps next to each other, so other load on
+    the machine mostly cancels. 0 for a save that blocked until durable (no step ran beside it)."""
+    t, during, after = w["blocked_s"], [], []
+    for x in w["step_s"]:
+        (during if t < w["durable_s"] else after).append(x)
+        t += x
+    if not during:
+        return 0.0
+    ref = statistics.median(after) if len(after) >= 2 else w["baseline_step_s"]
+    return sum(during) - len(during) * ref
+
+
+def summarize(rows: list[dict]) -> dict:
     def spread(values) -> dict:
         values = list(values)
         return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
-    summary = {"step_s": spread(r[m]["baseline_step_s"] for r in rows for m in modes),
+    for r in rows:
+        for mode in MODES:
+            w = r[mode]
+            w["slowdown_s"] = slowdown(w)
+            w["lost_adjacent_s"] = w["blocked_s"] + w["slowdown_s"] + w["end_wait_s"]
+    summary = {"step_s": spread(r[m]["baseline_step_s"] for r in rows for m in MODES),
                "dd_MBps": spread(r["dd_MBps"] for r in rows)}
-    for mode in modes:
+    for mode in MODES:
         summary[mode] = {key: spread(r[mode][key] for r in rows)
-                         for key in ("lost_s", "blocked_s", "end_wait_s", "durable_s")}
+                         for key in ("lost_s", "lost_adjacent_s", "slowdown_s", "blocked_s", "end_wait_s",
+                                     "durable_s")}
         summary[mode]["MBps"] = spread(r[mode]["bytes"] / r[mode]["durable_s"] / 1e6 for r in rows)
         summary[mode]["over_dd"] = spread(r[mode]["bytes"] / r[mode]["durable_s"] / 1e6 / r["dd_MBps"] for r in rows)
         summary[mode]["bytes"] = rows[0][mode]["bytes"]
     for mode in ("blocking", "background"):
-        summary[mode]["lost_over_deepspeed"] = spread(r[mode]["lost_s"] / r["deepspeed"]["lost_s"] for r in rows)
-        summary[mode]["blocked_over_deepspeed"] = spread(r[mode]["blocked_s"] / r["deepspeed"]["blocked_s"]
-                                                         for r in rows)
-    result["summary"] = summary
-    shutil.rmtree(ctx.run_dir, ignore_errors=True)
-    return result
+        for key in ("lost_s", "lost_adjacent_s", "blocked_s"):
+            summary[mode][f"{key}_over_deepspeed"] = spread(r[mode][key] / r["deepspeed"][key] for r in rows)
+    return summary
+
+
+def show(r: dict) -> None:
+    m, n = r["summary"], len(r["trials"])
+
+    def med(x):
+        return x["median"]
+
+    bg = m["background"]
+    print(f"{r['preset']}: {r['params'] / 1e6:.1f}M parameters, checkpoint {bg['bytes'] / 1e9:.2f} GB, step "
+          f"{med(m['step_s']):.2f}s; medians of {n}: DeepSpeed save blocks {med(m['deepspeed']['blocked_s']):.2f}s; "
+          f"background blocks {med(bg['blocked_s']):.2f}s ({med(bg['blocked_s_over_deepspeed']):.3f} of "
+          f"DeepSpeed's), slows the steps beside its write by {med(bg['slowdown_s']):.2f}s, lost "
+          f"{med(bg['lost_adjacent_s']):.2f}s ({med(bg['lost_adjacent_s_over_deepspeed']):.3f} of DeepSpeed's; "
+          f"window against window: {med(bg['lost_s']):.2f}s vs {med(m['deepspeed']['lost_s']):.2f}s), durable "
+          f"after {med(bg['durable_s']):.1f}s; write MB/s: blocking {med(m['blocking']['MBps']):.0f} "
+          f"({med(m['blocking']['over_dd']):.2f} of dd), background {med(bg['MBps']):.0f} ({med(bg['over_dd']):.2f}), "
+          f"DeepSpeed {med(m['deepspeed']['MBps']):.0f} ({med(m['deepspeed']['over_dd']):.2f}), dd "
+          f"{med(m['dd_MBps']):.0f}", flush=True)
 
 
 def main() -> None:
@@ -202,7 +253,13 @@ def main() -> None:
     p.add_argument("--cooldown", type=float, default=30.0, help="seconds of quiet before each pair of windows")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training steps (default 1: the "
                    "host side of a GPU trainer is one thread; the trainer on a CPU takes every core)")
+    p.add_argument("--summarize", type=Path, default=None, help="only print the summary of a saved report")
     args = p.parse_args()
+    if args.summarize:
+        for r in json.loads(args.summarize.read_text())["results"]:
+            r["summary"] = summarize(r["trials"])
+            show(r)
+        return
     args.workdir.mkdir(parents=True, exist_ok=True)
     THREADS[0] = args.threads
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
@@ -212,21 +269,7 @@ def main() -> None:
     for preset in args.preset:
         r = bench(preset, args.trials, args.steps, args.workdir, args.cooldown)
         report["results"].append(r)
-        m = r["summary"]
-
-        def med(x):
-            return x["median"]
-
-        print(f"{preset}: {r['params'] / 1e6:.1f}M parameters, checkpoint {m['background']['bytes'] / 1e9:.2f} GB, "
-              f"step {med(m['step_s']):.2f}s; lost per save (median of {args.trials}): DeepSpeed "
-              f"{med(m['deepspeed']['lost_s']):.2f}s, blocking {med(m['blocking']['lost_s']):.2f}s, background "
-              f"{med(m['background']['lost_s']):.2f}s (blocked {med(m['background']['blocked_s']):.2f}s, end wait "
-              f"{med(m['background']['end_wait_s']):.2f}s); background/DeepSpeed lost "
-              f"{med(m['background']['lost_over_deepspeed']):.3f}, blocked "
-              f"{med(m['background']['blocked_over_deepspeed']):.3f}; MB/s blocking {med(m['blocking']['MBps']):.0f} "
-              f"({med(m['blocking']['over_dd']):.2f} of dd), background {med(m['background']['MBps']):.0f} "
-              f"({med(m['background']['over_dd']):.2f}), DeepSpeed {med(m['deepspeed']['MBps']):.0f} "
-              f"({med(m['deepspeed']['over_dd']):.2f}), dd {med(m['dd_MBps']):.0f}", flush=True)
+        show(r)
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.write_text(text + "\n")

@@ -210,7 +210,15 @@ def _read(path: Path, origins: Origins, depth: int = 0, what: str = "spec",
     if depth >= MAX_EXTENDS_DEPTH:
         raise SpecError([SpecProblem(source, line, ("extends",), parent,
                                      f"`extends` chains more than {MAX_EXTENDS_DEPTH} files")])
-    base = _read(parent_path, origins, depth + 1, what, (*chain, path))
+    try:
+        base = _read(parent_path, origins, depth + 1, what, (*chain, path))
+    except SpecError as exc:  # a parent that cannot be read at all: say so at the `extends` line that names it
+        unreadable = [p for p in exc.problems if p.source == str(parent_path) and p.message.startswith("cannot read")]
+        if not unreadable:
+            raise
+        why = unreadable[0].message.split(": ", 1)[-1]
+        raise SpecError([SpecProblem(source, line, ("extends",), parent, f"cannot read {parent_path}: {why}")]) \
+            from None
     origins.where.update(lines)  # the child's lines win where it sets a value
     return deep_merge(base, data)
 

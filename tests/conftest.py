@@ -61,11 +61,11 @@ def _needs_slurm(request: pytest.FixtureRequest) -> None:
 CLUSTER_FILES = ("test_containers", "test_slurm_cluster", "test_slurm_faults", "test_slurm_tour", "test_load")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        file = item.path.stem
-        cluster = item.get_closest_marker("slurm") is not None or file.startswith(CLUSTER_FILES)
-        item.add_marker(pytest.mark.xdist_group("cluster" if cluster else file))
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Marked as each test is collected, before xdist's collection hook turns the mark into the group."""
+    file = item.path.stem
+    cluster = item.get_closest_marker("slurm") is not None or file.startswith(CLUSTER_FILES)
+    item.add_marker(pytest.mark.xdist_group("cluster" if cluster else file))
 
 
 def _fuzz_counts_dir(config: pytest.Config) -> Path:

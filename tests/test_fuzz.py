@@ -512,4 +512,74 @@ def test_command_lines(argv: list[str]) -> None:
     assume("--debug" not in argv)
     ran("command lines: arbitrary words; quota report, completion, status/logs/cancel options")
     result = invoke(argv)
-    check_cli(result, [a for a in argv if a], f"mbl {argv}")
+    check_cli(result, argv, f"mbl {argv}")
+
+
+# ---- what the fuzzer found, pinned (CI's examples are drawn, these always run) -------------------------------
+
+TINY = (REPO / "examples" / "pretrain-tiny.yaml").read_text()
+K8S = "extends: base.yaml\nimage: x\ncheckpoint: {dir: /shared/r}\ndata: {train: [/shared/a]}\n"
+FOUND = [
+    # (what, files {name: text or bytes}, argv after the command, the error must contain)
+    ("an empty file named <spec>", {"s.yaml": ""}, ["validate", "{s.yaml}"], "s.yaml: kind: is required"),
+    ("bytes that are no UTF-8", {"s.yaml": b"kind: pretrain\nname: \xff\n"}, ["validate", "{s.yaml}"],
+     "s.yaml:2: (spec): is not UTF-8"),
+    ("a recursive alias", {"s.yaml": TINY + "env: &r {X: *r}\n"}, ["validate", "{s.yaml}"], "alias"),
+    ("a NUL in extends", {"s.yaml": 'extends: "a\\0b"\n'}, ["validate", "{s.yaml}"], "NUL"),
+    ("a symlink loop, named relative", {"s.yaml": "->s.yaml"}, ["validate", "s.yaml"], "cannot read the spec"),
+    ("a lone surrogate", {"s.yaml": TINY + 'env: {X: "a\\ud800"}\n'}, ["render", "--slurm", "{s.yaml}"],
+     "surrogate"),
+    ("an infinite number", {"s.yaml": TINY.replace("lr: 0.002", "lr: 0.002\n  weight_decay: .inf")},
+     ["render", "{s.yaml}"], "train.weight_decay: Input should be a finite number"),
+    ("an integer beyond 64 bits", {"s.yaml": TINY}, ["validate", "{s.yaml}", "--set", "train.seed=" + "9" * 30],
+     "64 bits"),
+    ("a time limit beyond 32 bits", {"s.yaml": TINY}, ["validate", "{s.yaml}", "--set",
+                                                       "resources.time_limit=99999999999"], "resources.time_limit"),
+    ("betas out of range", {"s.yaml": TINY}, ["validate", "{s.yaml}", "--set", "train.betas=[1, 2]"], "train.betas"),
+    ("-o under a file", {"s.yaml": TINY}, ["render", "{s.yaml}", "-o", "{s.yaml}/sub"], "-o/--output"),
+    ("a recursive alias in --set", {"s.yaml": TINY}, ["validate", "{s.yaml}", "--set", "env.X=[&a [*a]]"], "alias"),
+    ("a cycle of extends, at its line", {"s.yaml": "extends: s.yaml\n"}, ["validate", "{s.yaml}"],
+     "s.yaml:1: extends: `extends` makes a cycle"),
+    ("a missing parent, at the extends line", {"s.yaml": "kind: pretrain\nextends: no.yaml\n"},
+     ["validate", "{s.yaml}"], "s.yaml:2: extends: cannot read"),
+    ("an unknown key that is no name, quoted", {"s.yaml": TINY + "'${env:HOME}': 1\n"}, ["validate", "{s.yaml}"],
+     "'${env:HOME}': unknown key"),
+    ("a newline into #SBATCH", {"s.yaml": TINY}, ["render", "--slurm", "{s.yaml}", "--set", "slurm.qos=x\ntouch y #"],
+     "slurm.qos: contains a line break"),
+    ("a setup line that opens a quote", {"s.yaml": TINY}, ["render", "--slurm", "{s.yaml}", "--set",
+                                                           "slurm.setup=[\"echo 'a\"]"], "slurm.setup"),
+    ("a queue Kubernetes refuses", {"base.yaml": TINY, "s.yaml": K8S + "k8s: {queue: Bad_Q}\n"},
+     ["render", "--k8s", "{s.yaml}"], "k8s.queue"),
+    ("a node selector Kubernetes refuses", {"base.yaml": TINY, "s.yaml": K8S + "k8s: {node_selector: {a b: c}}\n"},
+     ["render", "--k8s", "{s.yaml}"], "k8s.node_selector"),
+    ("a secret name Kubernetes refuses", {"base.yaml": TINY, "s.yaml": K8S + "secrets: {T: {secret: A_B, key: k}}\n"},
+     ["render", "--k8s", "{s.yaml}"], "secrets"),
+    ("a team namespace Kubernetes refuses", {"p.yaml": "teams: {nlp: {gpus: 1, namespace: Bad_NS}}\n"},
+     ["quota", "render", "{p.yaml}"], "namespace"),
+    ("a profile setup line that opens a quote", {"s.yaml": TINY, "p.yaml": "slurm: {setup: [\"echo 'a\"]}\n"},
+     ["render", "--slurm", "{s.yaml}", "--profile", "{p.yaml}"], "p.yaml:1: slurm.setup"),
+]
+
+
+@pytest.mark.parametrize("what, files, argv, expected", FOUND, ids=[f[0] for f in FOUND])
+def test_what_the_fuzzer_found_stays_fixed(tmp_path: Path, what: str, files: dict[str, Any], argv: list[str],
+                                           expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ended in a traceback (or, for the names, labels and the #SBATCH line break, in a job script or
+    objects that break) before the fix; now a clean exit 2 that names the file, line and field."""
+    monkeypatch.chdir(tmp_path)  # where a name given without its folder is
+    for name, content in files.items():
+        if isinstance(content, str) and content.startswith("->"):
+            (tmp_path / name).symlink_to(tmp_path / content[2:])
+        elif isinstance(content, bytes):
+            (tmp_path / name).write_bytes(content)
+        else:
+            (tmp_path / name).write_text(content.encode("utf-8", "surrogatepass").decode("utf-8", "replace"))
+    args = []
+    for arg in argv:
+        for name in files:
+            arg = arg.replace("{" + name + "}", str(tmp_path / name))
+        args.append(arg)
+    result = invoke(args, env={"HOME": str(tmp_path)})
+    sources = [str(tmp_path / n) for n in files] + list(files)
+    check_cli(result, sources, what, set())
+    assert result.exit_code == 2 and expected in result.stderr, (what, result.stderr)
