@@ -3,7 +3,9 @@ the attempt's log, then exit with the contract's HANG_EXIT_CODE, which `jobs.lau
 (launcher/outcomes.py), so the cluster restarts the job from its newest complete checkpoint.
 
 A rank stuck in a collective (waiting for a peer that hangs, or a dead network) makes no progress, and neither
-does the peer: every rank's watchdog fires at about the same time, and the log shows which one was elsewhere.
+does the peer: every rank's watchdog fires at about the same time (each waits a quarter of the limit, 5 to 60 s,
+after its dump before exiting, so that torchrun does not kill the slower ones first), and the log shows which
+rank was elsewhere.
 The limit is `distributed.hang_timeout_seconds`, or, unset, HANG_FACTOR x the median step time seen so far,
 at least HANG_FLOOR_SECONDS; before the first step (model build, compilation) and while the loop saves or
 evaluates it is `distributed.collective_timeout_seconds`, which the process group also gets, so a collective
@@ -86,6 +88,9 @@ class Watchdog:
         if in_flight:
             print(f"[mbl] hang: rank {self.rank}: collectives in flight: {in_flight}", file=sys.stderr, flush=True)
         sys.stderr.flush()
+        # The peers' watchdogs fire within about a step of this one (their last step ended with ours); wait for
+        # them before exiting, since torchrun kills the other ranks of the node as soon as one rank exits.
+        time.sleep(min(60.0, max(5.0, 0.25 * limit)))
         os._exit(contract.HANG_EXIT_CODE)
 
 
