@@ -21,6 +21,7 @@ Fault point for tests: MBL_FAULT_PREFLIGHT=<host>:<check>[@<attempt>] fails that
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -38,6 +39,12 @@ def wanted(spec, world: int) -> bool:
     if spec.distributed.preflight is not None:
         return spec.distributed.preflight
     return world > int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+def job_file_name() -> str:
+    """MBL_JOB_ID as a file name: a Kubernetes job is `k8s:<namespace>/<name>` (launcher/outcomes.py does the
+    same for its records); a Slurm job id stays as it is, which the batch script relies on."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", os.environ.get("MBL_JOB_ID", "job"))
 
 
 def node_name() -> str:
@@ -98,7 +105,7 @@ def run(ctx, parameters: int) -> int | None:
     del buf
     check("all-reduce", lambda: _expect(got == float(n) ** 2, f"an all-reduce of ones twice gave {got}, not {n ** 2}"))
 
-    token_file = ctx.run_dir / f".preflight-{os.environ.get('MBL_JOB_ID', 'job')}-{os.environ.get('MBL_ATTEMPT', 0)}"
+    token_file = ctx.run_dir / f".preflight-{job_file_name()}-{os.environ.get('MBL_ATTEMPT', 0)}"
     box = [secrets.token_hex(16) if ctx.rank == 0 else None]
     if ctx.rank == 0:
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +134,7 @@ def run(ctx, parameters: int) -> int | None:
             ctx.log(f"preflight FAILED on {h}: {f}")
         logs = ctx.run_dir / contract.LOGS_DIR
         logs.mkdir(parents=True, exist_ok=True)
-        with open(logs / f"{BAD_NODES_PREFIX}{os.environ.get('MBL_JOB_ID', 'job')}", "a") as out:
+        with open(logs / f"{BAD_NODES_PREFIX}{job_file_name()}", "a") as out:
             out.write("".join(f"{h}\n" for h in hosts))
         ctx.log(f"preflight: bad node(s) {', '.join(hosts)}; exiting {contract.NODE_EXIT_CODE} (requeue without them)")
     return contract.NODE_EXIT_CODE

@@ -253,3 +253,13 @@ def test_the_preflight_runs_on_multi_node_attempts_unless_the_spec_says(monkeypa
     on = load_spec(REPO / "examples" / "pretrain-tiny.yaml", sets=["distributed.preflight=true"])
     off = load_spec(REPO / "examples" / "pretrain-tiny.yaml", sets=["distributed.preflight=false"])
     assert wanted(on, 2) and not wanted(off, 4)
+
+
+def test_the_preflight_files_of_a_kubernetes_job_are_plain_file_names(monkeypatch) -> None:
+    """A pod's job id is k8s:<namespace>/<name>: its token and bad-nodes files must not point into folders."""
+    from jobs.preflight import job_file_name
+
+    monkeypatch.setenv("MBL_JOB_ID", "k8s:mbl/kp-bbe023")
+    assert job_file_name() == "k8s_mbl_kp-bbe023"
+    monkeypatch.setenv("MBL_JOB_ID", "2086")
+    assert job_file_name() == "2086"  # the Slurm script reads logs/bad-nodes-${SLURM_JOB_ID}
