@@ -57,7 +57,7 @@ SEQ = 64
 THREADS = [1]
 
 
-def build(preset: str, work: Path):
+def build(preset: str, work: Path, precision: str = "fp32"):
     import torch
 
     from jobs.model import ModernBertForPreTraining, build_config
@@ -71,7 +71,7 @@ def build(preset: str, work: Path):
     spec = load_spec(REPO / "examples/pretrain-tiny.yaml", sets=[
         f"model.preset={preset}", f"checkpoint.dir={run}", "distributed.gpus_per_node=1", "train.max_steps=100000",
         "train.global_batch_size=1", "train.micro_batch_size=1", "train.warmup_steps=0", f"data.seq_len={SEQ}",
-        "checkpoint.keep_last=1000"]).resolved(REPO)
+        "checkpoint.keep_last=1000", f"train.precision={precision}"]).resolved(REPO)
     ctx = Context(spec)
     torch.set_num_threads(THREADS[0])
     special = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "[PAD]": 3, "[MASK]": 4}
@@ -112,10 +112,10 @@ def settle(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def bench(preset: str, trials: int, steps: int, work: Path, cooldown: float) -> dict:
+def bench(preset: str, trials: int, steps: int, work: Path, cooldown: float, precision: str = "fp32") -> dict:
     from jobs.checkpoint import Checkpointer, step_name
 
-    ctx, spec, engine, batch = build(preset, work)
+    ctx, spec, engine, batch = build(preset, work, precision)
     ckpt = Checkpointer(ctx.run_dir, spec, 0, 1, log=lambda m: None)
     plain = ctx.run_dir / "deepspeed"
     params = sum(p.numel() for p in engine.module.parameters())
@@ -175,7 +175,7 @@ def bench(preset: str, trials: int, steps: int, work: Path, cooldown: float) -> 
             f"{m} lost {row[m]['lost_s']:.2f}s (step {row[m]['baseline_step_s']:.2f}s, blocked "
             f"{row[m]['blocked_s']:.2f}s, durable after {row[m]['durable_s']:.2f}s)" for m in modes)
             + f"; dd {row['dd_MBps']:.0f} MB/s", flush=True)
-    result = {"preset": preset, "params": params, "steps_per_window": steps, "cooldown_s": cooldown, "trials": rows,
+    result = {"preset": preset, "precision": precision, "params": params, "steps_per_window": steps, "cooldown_s": cooldown, "trials": rows,
               "host_pool_bytes": ckpt._pool.allocated}
     result["summary"] = summarize(rows)
     shutil.rmtree(ctx.run_dir, ignore_errors=True)
@@ -250,6 +250,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="training steps per window")
     p.add_argument("--workdir", type=Path, default=REPO / "runs" / ".bench-ckpt")
     p.add_argument("--out", type=Path, default=None, help="also write the report (JSON) here")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: bf16 weights, fp32 master copy and moments (14 bytes per parameter)")
     p.add_argument("--cooldown", type=float, default=30.0, help="seconds of quiet before each pair of windows")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training steps (default 1: the "
                    "host side of a GPU trainer is one thread; the trainer on a CPU takes every core)")
@@ -267,7 +269,7 @@ def main() -> None:
               "disk": subprocess.run(["df", "-h", str(args.workdir)], capture_output=True, text=True,
                                      check=False).stdout.splitlines()[-1], "results": []}
     for preset in args.preset:
-        r = bench(preset, args.trials, args.steps, args.workdir, args.cooldown)
+        r = bench(preset, args.trials, args.steps, args.workdir, args.cooldown, args.precision)
         report["results"].append(r)
         show(r)
     text = json.dumps(report, indent=1)
