@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$PWD/images/containers.conf}"
 MBL_IMAGE="$(./images/setup.sh)"
-./slurm/dev/up.sh
+# MBL_SLURM_CLEAR=1: jobs an earlier run left in the dev cluster's queue would hold its nodes.
+MBL_SLURM_CLEAR=1 ./slurm/dev/up.sh
 # shellcheck disable=SC1091
 source "${MBL_SLURM_DIR:-/tmp/mbl-slurm}/env.sh"
 export MBL_REQUIRE_SLURM=1 MBL_REQUIRE_CONTAINERS=1 MBL_IMAGE

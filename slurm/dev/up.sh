@@ -7,7 +7,8 @@
 #   source /tmp/mbl-slurm/env.sh && sinfo
 #
 # Environment: MBL_SLURM_DIR, MBL_SLURM_TIMEOUT (seconds, default 90),
-# MBL_SLURM_SMOKE=0 (skip the srun smoke test), MBL_SLURM_CTLD_PORT,
+# MBL_SLURM_SMOKE=0 (skip the srun smoke test), MBL_SLURM_CLEAR=1 (cancel every job
+# left in the queue, for example by an earlier test run, and wait until it is empty), MBL_SLURM_CTLD_PORT,
 # MBL_SLURM_DBD_PORT, MBL_SLURM_DB_PORT, MBL_SLURM_NODE_PORT, MBL_SLURM_CLUSTER.
 set -euo pipefail
 
@@ -528,6 +529,30 @@ wait_nodes() {
   log "nodes: $(tr '\n' ' ' <<<"$states")"
 }
 
+# Jobs survive a restart of slurmctld (its state directory): a test run that starts on a machine where an
+# earlier run left jobs would wait behind them. MBL_SLURM_CLEAR=1 cancels them all (every user: this is the
+# dev cluster) and waits until none is left.
+clear_queue() {
+  [[ "${MBL_SLURM_CLEAR:-0}" == 1 ]] || return 0
+  local ids start=$SECONDS
+  ids="$(squeue -h -o %i 2>/dev/null | tr '\n' ' ')"
+  if [[ -z "${ids// /}" ]]; then
+    log "queue: empty"
+    return 0
+  fi
+  # shellcheck disable=SC2086  # one id per word
+  scancel $ids >/dev/null 2>&1 || true
+  while [[ -n "$(squeue -h -o %i 2>/dev/null)" ]]; do
+    if ((SECONDS - start >= WAIT_TIMEOUT)); then
+      squeue >&2 || true
+      die "timed out after ${WAIT_TIMEOUT}s waiting for the cancelled jobs to leave the queue"
+    fi
+    sleep 1
+  done
+  log "queue: cancelled $(wc -w <<<"$ids") jobs left from before ($ids) in $((SECONDS - start))s"
+  wait_nodes
+}
+
 smoke_test() {
   if [[ "${MBL_SLURM_SMOKE:-1}" == 0 ]]; then
     log "smoke test: skipped (MBL_SLURM_SMOKE=0)"
@@ -576,6 +601,7 @@ main() {
     start_slurmd "$n"
   done
   wait_nodes
+  clear_queue
   smoke_test
   if ((${#STARTED[@]})); then
     log "started: ${STARTED[*]}"
