@@ -37,10 +37,11 @@ def main() -> None:
     rows = torch.from_numpy(rng.integers(5, vocab, size=(args.batch, args.seq_len)))
     special = torch.zeros(vocab, dtype=torch.bool)
     special[[tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.unk_token_id, tok.mask_token_id]] = True
-    gen = torch.Generator().manual_seed(0)
+    samples = np.arange(args.batch, dtype=np.int64)
 
-    def ours():
-        return D.mask_tokens(rows, gen, 0.3, tok.mask_token_id, vocab, special)
+    def ours():  # the batcher's masking: its uniforms hashed from (seed, sample, position), then the masks
+        r, pick = (D.sample_uniforms(0, samples, args.seq_len, stream) for stream in (0, 1))
+        return D.mask_tokens(rows, r, pick, 0.3, tok.mask_token_id, vocab, special)
 
     from transformers import DataCollatorForLanguageModeling
 

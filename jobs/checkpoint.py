@@ -718,7 +718,8 @@ class Checkpointer:
         return Path(choice[0]) if choice[0] else None
 
     def load(self, engine, path: Path) -> tuple[dict, dict]:
-        """Load DeepSpeed state and this rank's trainer state; refuse a changed spec or world size."""
+        """Load DeepSpeed state and this rank's trainer state; refuse a changed spec. A checkpoint of another
+        world size (the global batch is part of the fingerprint, so it is the same) is converted first."""
         state = json.loads((path / STATE_FILE).read_text())
         fingerprint = self.spec.training_fingerprint()
         if state["fingerprint"] != fingerprint:
@@ -726,16 +727,73 @@ class Checkpointer:
                 f"{path} was written by a spec with training fingerprint {state['fingerprint']}, this spec has "
                 f"{fingerprint}: the model, data or optimizer settings changed",
                 "restore the original spec, or start a new run (another name or checkpoint.dir)")
-        if state["world_size"] != self.world:
-            raise ResumeError(
-                f"{path} was written by {state['world_size']} ranks, this job has {self.world}; resuming on a "
-                "different world size is not supported (DeepSpeed's partitioned state)",
-                f"run with distributed.nodes x gpus_per_node = {state['world_size']}, or start a new run")
-        engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                               load_lr_scheduler_states=True)
-        rank_state = torch.load(path / f"rank-{self.rank:05d}.pt", weights_only=False)
+        saved_world = int(state["world_size"])
+        if saved_world == self.world:
+            engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                   load_lr_scheduler_states=True)
+        else:
+            self._load_resharded(engine, path, saved_world)
+        # Data positions and RNG states are per rank. On another world size, rank r takes the RNG states of
+        # saved rank r % N (the batches are seeded by sample, not by rank, so they do not depend on it).
+        rank_state = torch.load(path / f"rank-{self.rank % saved_world:05d}.pt", weights_only=False)
         set_rng_state(rank_state.pop("rng"))
+        if saved_world != self.world:
+            rank_state["position"] = None  # the caller checks the global position instead
         return state, rank_state
+
+    def _load_resharded(self, engine, path: Path, saved_world: int) -> None:
+        """DeepSpeed state saved by `saved_world` ranks into this job's ranks. ZeRO 0 keeps the whole model and
+        optimizer state in every rank's copy: loaded as it is. ZeRO 1-3 partition the optimizer state (ZeRO 3 the
+        weights too) by rank: rank 0 converts the checkpoint to DeepSpeed's universal format (one file per
+        parameter and state, no partitions) next to it, every rank loads its own partition of that, and the
+        conversion is removed again. The checkpoint itself is never changed."""
+        stage = self.spec.distributed.zero_stage
+        what = f"{path.relative_to(self.run_dir)} from {saved_world} to {self.world} ranks"
+        if stage == 0:
+            engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                   load_lr_scheduler_states=True)
+            self.log(f"resharded {what}: ZeRO 0 state is whole on every rank, nothing to convert")
+            return
+        t0 = time.time()
+        scratch = self.dir / f"{TMP_PREFIX}universal-{path.name}"  # never counts as a checkpoint
+        problem = None
+        if self.rank == 0:
+            try:
+                if scratch.exists():  # a conversion that was killed
+                    shutil.rmtree(scratch)
+                scratch.mkdir()
+                _to_universal(path, scratch / path.name)  # (it writes `latest_universal` next to its output)
+            except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+                problem = f"{exc.__class__.__name__}: {exc}"
+        problem = self._gather(problem)[0]
+        if problem is not None:
+            raise ResumeError(
+                f"converting {what} (DeepSpeed universal checkpoint, ZeRO {stage}) failed: {problem}",
+                f"resume on {saved_world} ranks (distributed.nodes x gpus_per_node), or start a new run")
+        engine._config.load_universal_checkpoint = True  # read by the engine and the ZeRO optimizer while loading
+        try:
+            engine.load_checkpoint(str(scratch), tag=path.name, load_optimizer_states=True,
+                                   load_lr_scheduler_states=True)
+        finally:
+            engine._config.load_universal_checkpoint = False
+        dist.barrier()
+        if self.rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+        self.log(f"resharded {what}: converted to DeepSpeed's universal checkpoint (ZeRO {stage}) and loaded in "
+                 f"{time.time() - t0:.1f}s")
+
+def _to_universal(path: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal, in this process (one worker: the node's cores belong to the job's ranks)."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(path), output_folder=str(out), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress lines; the outcome is logged by the caller
+        ds_to_universal.main(args)
 
 
 class StopFlag:

@@ -10,8 +10,9 @@ Prepared data folder (`<run_dir>/data`, the output of `kind: prepare`):
 
 Reading is O(1) in the position: sample `g` of the stream is row `perm_{g // N}[g % N]`, where `perm_e`
 is a seeded permutation of the N sequences for epoch `e`. A resumed job computes its next rows from the
-step alone and never replays the loader. Masking is seeded by (seed, step, micro batch, rank), so a
-resumed job masks exactly as the uninterrupted one would have.
+step alone and never replays the loader. Masking (and SOP's swap) is a hash of (seed, sample position, token
+position): a resumed job masks exactly as the uninterrupted one would have, on any number of ranks and any
+micro batch size, since sample g is the same masked sequence whichever rank reads it.
 """
 
 from __future__ import annotations
@@ -318,28 +319,46 @@ class SampleOrder:
         return out
 
 
-def mask_tokens(ids: torch.Tensor, gen: torch.Generator, mask_prob: float, mask_id: int, vocab_size: int,
-                special: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """MLM masking of a whole batch at once: mask_prob of the non-special tokens become targets; of those
-    80% -> [MASK], 10% -> a random token, 10% unchanged. Labels are -100 everywhere else."""
-    r = torch.rand(ids.shape, generator=gen)
-    r.masked_fill_(special[ids], 2.0)  # special tokens are never targets
+_M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on uint64 arrays (wrapping arithmetic): a counter-based hash, vectorized."""
+    x = x + _GOLDEN
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_uniforms(seed: int, samples: np.ndarray, length: int, stream: int) -> torch.Tensor:
+    """Uniform floats in [0, 1), shape (len(samples), length): element (i, j) depends only on (seed, samples[i],
+    j, stream), never on which rank or micro batch reads sample i."""
+    with np.errstate(over="ignore"):
+        row = _mix(_mix(np.uint64(seed) ^ (np.uint64(stream) << np.uint64(56))) ^ samples.astype(np.uint64))
+        bits = _mix(row[:, None] + np.arange(length, dtype=np.uint64)[None, :] * _GOLDEN)
+    return torch.from_numpy((bits >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / (1 << 24)))
+
+
+def mask_tokens(ids: torch.Tensor, r: torch.Tensor, pick: torch.Tensor, mask_prob: float, mask_id: int,
+                vocab_size: int, special: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLM masking of a whole batch at once, from uniforms `r` (which tokens) and `pick` (their random
+    replacement), both shaped like `ids`: mask_prob of the non-special tokens become targets; of those 80% ->
+    [MASK], 10% -> a random token, 10% unchanged. Labels are -100 everywhere else."""
+    r = r.masked_fill(special[ids], 2.0)  # special tokens are never targets
     target = r < mask_prob
     labels = torch.where(target, ids, torch.full_like(ids, -100))
     inputs = ids.masked_fill(r < mask_prob * 0.8, mask_id)
     rand_pos = (r >= mask_prob * 0.8) & (r < mask_prob * 0.9)
-    n_rand = int(rand_pos.sum())
-    if n_rand:
-        inputs[rand_pos] = torch.randint(vocab_size, (n_rand,), generator=gen)
-    return inputs, labels
+    random_ids = (pick * vocab_size).long().clamp_(max=vocab_size - 1)
+    return torch.where(rand_pos, random_ids, inputs), labels
 
 
-def sop_swap(ids: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sentence-order prediction: keep token 0, swap the two halves of the rest in a random half of the
-    rows (label 1 = swapped). Vectorized over the batch."""
+def sop_swap(ids: torch.Tensor, coin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sentence-order prediction: keep token 0, swap the two halves of the rest in the rows whose `coin`
+    (a uniform per row) is below 0.5 (label 1 = swapped). Vectorized over the batch."""
     b, L = ids.shape
     h = (L - 1) // 2
-    labels = (torch.rand(b, generator=gen) < 0.5).long()
+    labels = (coin < 0.5).long()
     swapped = ids.clone()
     swapped[:, 1:1 + h], swapped[:, 1 + h:1 + 2 * h] = ids[:, 1 + h:1 + 2 * h], ids[:, 1:1 + h]
     return torch.where(labels[:, None].bool(), swapped, ids), labels
@@ -379,13 +398,15 @@ class MLMBatcher:
         return np.arange(start, start + self.micro, dtype=np.int64)
 
     def batch(self, step: int, micro_idx: int) -> dict[str, torch.Tensor]:
-        ids = torch.from_numpy(self.data.rows(self.order(self.sample_ids(step, micro_idx))))
-        gen = torch.Generator().manual_seed(hash((self.seed, step, micro_idx, self.rank)) & 0x7FFFFFFFFFFFFFFF)
+        g = self.sample_ids(step, micro_idx)
+        ids = torch.from_numpy(self.data.rows(self.order(g)))
         out: dict[str, torch.Tensor] = {}
         if self.sop:
-            ids, out["sop_labels"] = sop_swap(ids, gen)
-        out["input_ids"], out["labels"] = mask_tokens(ids, gen, self.mask_prob, self.mask_id, self.vocab_size,
-                                                      self.special)
+            ids, out["sop_labels"] = sop_swap(ids, sample_uniforms(self.seed, g, 1, 2)[:, 0])
+        L = ids.shape[1]
+        out["input_ids"], out["labels"] = mask_tokens(
+            ids, sample_uniforms(self.seed, g, L, 0), sample_uniforms(self.seed, g, L, 1), self.mask_prob,
+            self.mask_id, self.vocab_size, self.special)
         out["attention_mask"] = torch.ones_like(ids)
         return out
 

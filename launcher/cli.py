@@ -134,6 +134,19 @@ def validate(specs: tuple[str, ...], sets: tuple[str, ...], quiet: bool) -> None
 
     failed: list[SpecError] = []
     for path in specs:
+        if _is_pipeline(path):
+            from launcher.pipeline import load_pipeline
+
+            try:
+                pipeline = load_pipeline(path, list(sets))
+            except SpecError as exc:
+                failed.append(exc)
+                click.echo(exc.render(), err=True)
+                continue
+            if not quiet:
+                stages = ", ".join(f"{s.name} ({len(s.points)})" if s.swept else s.name for s in pipeline.stages)
+                click.echo(f"ok: {path}: pipeline {pipeline.name!r}, {len(pipeline.points)} job(s): {stages}")
+            continue
         if _is_policy(path):
             from launcher.quota import load_policy
 
@@ -163,6 +176,14 @@ def validate(specs: tuple[str, ...], sets: tuple[str, ...], quiet: bool) -> None
         sys.exit(2)
 
 
+def _is_pipeline(path: str) -> bool:
+    """A pipeline spec (`kind: pipeline`, launcher/pipeline.py) rather than a job spec."""
+    from launcher.loading import peek
+    from launcher.pipeline import is_pipeline
+
+    return is_pipeline(peek(path))
+
+
 def _is_policy(path: str) -> bool:
     """A quota policy rather than a job spec: a mapping with `teams` and without `kind`."""
     from launcher.loading import peek
@@ -187,6 +208,9 @@ def render(spec_path: str, cluster: str | None, short: str | None, sets: tuple[s
       mbl render --k8s examples/finetune.yaml | kubectl apply --dry-run=client -f -
     """
     name = _cluster(cluster, short)
+    if _is_pipeline(spec_path):
+        _pipeline_plan(spec_path, sets, name)
+        return
     spec = _load(spec_path, sets, namespace)
     request = _backend(name, profile=profile, kube_context=kube_context).dryrun(spec)
     if out_dir:
@@ -226,6 +250,8 @@ def submit(spec_path: str, cluster: str | None, short: str | None, sets: tuple[s
       mbl submit --k8s examples/finetune.yaml -n research
     """
     name = _cluster(cluster, short)
+    if _is_pipeline(spec_path):
+        sys.exit(_submit_pipeline(spec_path, sets, name, dry_run, detach, force))
     if force and name == "k8s":  # never dropped silently
         raise UsageError("--force does not apply to --k8s: a job name is never replaced in the cluster",
                          hint="delete the old job first (mbl cancel NAME), then submit; the run resumes from its "
@@ -254,6 +280,37 @@ def submit(spec_path: str, cluster: str | None, short: str | None, sets: tuple[s
         click.echo(f"  follow: mbl logs -f {spec.name}    status: mbl status {spec.name}", err=True)
         return
     sys.exit(_follow_local(backend, registry, record, verbose))
+
+
+def _pipeline_plan(path: str, sets: tuple[str, ...], cluster: str) -> Any:
+    """Load and validate a pipeline, print its plan (stages, points, run directories); the pipeline."""
+    from launcher.pipeline import describe, load_pipeline
+
+    if cluster != "local":
+        raise UsageError(f"a pipeline runs on the local backend for now, not on {cluster}",
+                         hint="submit it without --cluster/--slurm/--k8s; Slurm job arrays and Kubernetes are coming "
+                              "(issue 15), meanwhile submit its stages' specs one by one")
+    pipeline = load_pipeline(path, list(sets))
+    for line in describe(pipeline, local=cluster == "local"):
+        click.echo(line)
+    return pipeline
+
+
+def _submit_pipeline(path: str, sets: tuple[str, ...], cluster: str, dry_run: bool, detach: bool,
+                     force: bool) -> int:
+    """`mbl submit PIPELINE`: every stage in dependency order, in the foreground (launcher/pipeline_run.py)."""
+    if detach or force:
+        raise UsageError(f"{'--detach' if detach else '--force'} does not apply to a pipeline",
+                         hint="a pipeline runs in the foreground; Ctrl-C stops it and submitting it again resumes it")
+    pipeline = _pipeline_plan(path, sets, cluster)
+    from launcher.pipeline_run import check_points, run_local
+
+    registry = _registry()
+    check_points(pipeline, registry, _backend)
+    if dry_run:
+        return 0
+    backend = _backend("local")
+    return run_local(pipeline, registry, backend, lambda line: click.echo(line, err=True))
 
 
 def _policy_path(explicit: str | None) -> Path | None:
@@ -549,17 +606,55 @@ def cancel(job: str) -> None:
 
 
 @cli.command()
-def schema() -> None:
+@click.option("--pipeline", is_flag=True, help="The schema of a pipeline spec (kind: pipeline) instead.")
+def schema(pipeline: bool) -> None:
     """Print the spec's JSON Schema (Draft 2020-12), for editors' YAML completion.
 
     \b
     Example (VS Code, redhat.vscode-yaml):
       mbl schema > mbl.schema.json
       # first line of a spec:  # yaml-language-server: $schema=./mbl.schema.json
+      mbl schema --pipeline > mbl-pipeline.schema.json
     """
+    if pipeline:
+        from launcher.pipeline import json_schema as pipeline_schema
+
+        click.echo(json.dumps(pipeline_schema(), indent=2))
+        return
     from launcher.spec import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))
+
+
+@cli.command()
+@click.argument("pipeline_path", metavar="PIPELINE", type=click.Path())
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="The same overrides the pipeline was submitted with (they name nothing, but must validate).")
+@click.option("-o", "--output", type=click.Choice(["table", "json", "csv"]), default="table")
+def results(pipeline_path: str, sets: tuple[str, ...], output: str) -> None:
+    """Per stage of a pipeline: every point's metrics (from its summary.json), the best point by the spec's
+    metric, mean ± std over seeds, and where the best model is.
+
+    \b
+    The best point is picked on the validation split by task.metric (a pretrain: held-out loss); the test
+    metric and the task's trivial baseline stand beside it.
+    Example:
+      mbl results examples/pipeline-tiny.yaml
+      mbl results examples/pipeline-tiny.yaml -o csv > results.csv
+    """
+    from launcher.pipeline import load_pipeline
+    from launcher.results import print_tables, results as collect, to_csv
+
+    if not _is_pipeline(pipeline_path):
+        raise UsageError(f"{pipeline_path} is not a pipeline spec (kind: pipeline)",
+                         hint="for one job, `mbl status NAME` shows its summary")
+    data = collect(load_pipeline(pipeline_path, list(sets)))
+    if output == "json":
+        click.echo(json.dumps(data, indent=2))
+    elif output == "csv":
+        click.echo(to_csv(data), nl=False)
+    else:
+        print_tables(data)
 
 
 @cli.command(name="export")

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from launcher.pipeline import PipelineSpec
 from launcher.spec import JobSpec, Strict
 
 
@@ -68,8 +69,26 @@ def render() -> str:
         "## Top level",
         "",
     ]
+    _sections(JobSpec, out)
+    out += [
+        "# Pipeline spec reference",
+        "",
+        "A file with `kind: pipeline` (launcher/pipeline.py): stages of job specs with `--set`-style overrides, their",
+        "order, and sweeps. Strings in `set` and in a sweep may refer to an earlier stage: `${stages.NAME.run_dir}`",
+        "(its run directory) and `${stages.NAME.model}` (its final model folder). `mbl schema --pipeline` prints",
+        "its JSON Schema.",
+        "",
+        "## Top level",
+        "",
+    ]
+    _sections(PipelineSpec, out)
+    return "\n".join(out)
+
+
+def _sections(root: type[BaseModel], out: list[str]) -> None:
+    """The fields of `root`, then a section per nested model, breadth first."""
     queue: list[tuple[str, type[BaseModel]]] = []
-    _section(JobSpec, "", out, queue)
+    _section(root, "", out, queue)
     seen = set()
     while queue:
         path, model = queue.pop(0)
@@ -80,7 +99,6 @@ def render() -> str:
         if model.__doc__ and model.__doc__ != Strict.__doc__:
             out += [inspect.cleandoc(model.__doc__), ""]
         _section(model, f"{path}.", out, queue)
-    return "\n".join(out)
 
 
 if __name__ == "__main__":

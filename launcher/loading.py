@@ -246,20 +246,27 @@ def apply_sets(data: dict[str, Any], sets: list[str], origins: Origins) -> dict[
     data = copy.deepcopy(data)
     for expr in sets:
         parts, value = _parse_set(expr)
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            if node.get(part) is not None and not isinstance(node[part], dict):
-                where = ".".join(parts[:i + 1])
-                raise SpecError([SpecProblem(f"--set {expr}", None, parts[:i + 1], node[part],
-                                             f"{where} is a value, not a section: it has no key "
-                                             f"{parts[i + 1]!r}; set {where}=VALUE instead")])
-            if node.get(part) is None:
-                node[part] = {}
-                origins.where[parts[:i + 1]] = (f"--set {expr}", None)
-            node = node[part]
-        node[parts[-1]] = value
-        origins.where[parts] = (f"--set {expr}", None)
+        set_value(data, parts, value, (f"--set {expr}", None), origins)
     return data
+
+
+def set_value(data: dict[str, Any], parts: Path_, value: Any, where: tuple[str, int | None],
+              origins: Origins) -> None:
+    """`data[parts[0]][parts[1]]... = value` in place, making the sections on the way, and remember `where` (the
+    `--set` or the file and line that gave it) as the origin of the value: `--set` and a pipeline's `set:`."""
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is not None and not isinstance(node[part], dict):
+            field = ".".join(str(p) for p in parts[:i + 1])
+            raise SpecError([SpecProblem(where[0], where[1], parts[:i + 1], node[part],
+                                         f"{field} is a value, not a section: it has no key "
+                                         f"{parts[i + 1]!r}; set {field}=VALUE instead")])
+        if node.get(part) is None:
+            node[part] = {}
+            origins.where[parts[:i + 1]] = where
+        node = node[part]
+    node[parts[-1]] = copy.deepcopy(value)
+    origins.where[parts] = where
 
 
 def load_data(path: str | Path, sets: list[str] | None = None, what: str = "spec") -> tuple[dict[str, Any], Origins]:
@@ -374,6 +381,22 @@ def _model_at(path: Path_, root: type[BaseModel] = JobSpec) -> type[BaseModel] |
         keyed = origin in (dict, list)
         model = _unwrap(info.annotation)
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def unknown_key(parts: Path_, root: type[BaseModel] = JobSpec) -> str | None:
+    """Why the dotted key `parts` names no field of `root` (the message of an unknown key, with "did you
+    mean"), or None. Keys below a mapping field (`env.NAME`, `slurm.sbatch_args.NAME`) are free."""
+    for cut in range(1, len(parts) + 1):
+        model = _model_at(parts[:cut - 1], root)
+        if model is None:  # below a mapping or a plain value: Pydantic says whether it fits
+            return None
+        key = str(parts[cut - 1])
+        if key not in model.model_fields:
+            fields = sorted(model.model_fields)
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            return f"unknown key `{key}`; {hint}allowed here: {', '.join(fields)}"
+    return None
 
 
 def _unwrap(annotation: Any) -> Any:

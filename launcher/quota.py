@@ -187,8 +187,10 @@ def slurm_usage(notes: list[str] | None = None) -> dict[str, Usage]:
 # ---- the pre-check ---------------------------------------------------------------------------------
 
 
-def check_job(spec: JobSpec, policy: QuotaPolicy, usage: Usage | None, partition: str | None = None) -> list[str]:
-    """Why this job would break its team's share; empty when it fits."""
+def check_job(spec: JobSpec, policy: QuotaPolicy, usage: Usage | None, partition: str | None = None,
+              count: int = 1) -> list[str]:
+    """Why this job would break its team's share; empty when it fits. `count`: jobs of this spec that run at
+    once (a pipeline's sweep counts as its max_parallel jobs)."""
     team = policy.teams.get(spec.team)
     if team is None:
         return [f"team {spec.team!r} has no quota in the policy (teams: {', '.join(sorted(policy.teams))})"]
@@ -197,10 +199,13 @@ def check_job(spec: JobSpec, policy: QuotaPolicy, usage: Usage | None, partition
     if team.max_gpus_per_job is not None and asked > team.max_gpus_per_job:
         problems.append(f"team {spec.team}: the job asks {asked} GPUs, at most {team.max_gpus_per_job} per job")
     in_use = usage.in_use if usage else 0
-    if in_use + asked > team.gpus:
+    if in_use + asked * count > team.gpus:
+        what = f"the job asks {asked} GPUs" if count == 1 else \
+            f"the sweep asks {asked * count} GPUs ({count} jobs at once x {asked})"
+        fewer = "ask for" if count == 1 else "lower max_parallel or ask for"
         problems.append(
-            f"team {spec.team}: the job asks {asked} GPUs, {in_use} are in use (running or pending), "
-            f"{team.gpus} allowed; wait for a job to end or ask for {max(0, team.gpus - in_use)} GPUs"
+            f"team {spec.team}: {what}, {in_use} are in use (running or pending), "
+            f"{team.gpus} allowed; wait for a job to end or {fewer} {max(0, team.gpus - in_use)} GPUs"
         )
     gpu_type = spec.resources.gpu_type
     if gpu_type and gpu_type in team.gpus_by_type and asked > team.gpus_by_type[gpu_type]:
@@ -219,10 +224,12 @@ class QuotaExceeded(UsageError):
     exit_code = QUOTA_EXIT_CODE
 
 
-def precheck(spec: JobSpec, policy_path: str, usage: Usage | None, partition: str | None = None) -> None:
+def precheck(spec: JobSpec, policy_path: str, usage: Usage | None, partition: str | None = None,
+             count: int = 1) -> None:
     """Refuse the job (QuotaExceeded) when it would break its team's share. `usage`: the team's current use on
-    the cluster it goes to (the Slurm account the job is charged to, or the team on Kubernetes)."""
-    problems = check_job(spec, load_policy(policy_path), usage, partition)
+    the cluster it goes to (the Slurm account the job is charged to, or the team on Kubernetes); `count`: jobs
+    of this spec at once (a sweep's max_parallel)."""
+    problems = check_job(spec, load_policy(policy_path), usage, partition, count)
     if problems:
         raise QuotaExceeded("; ".join(problems), hint="`mbl quota show` shows each team's use; --no-quota-check skips "
                             "this check (the cluster still enforces its own limits)")

@@ -841,10 +841,15 @@ class JobSpec(Strict):
         for key in ("slurm", "k8s", "resources", "image", "env", "secrets", "team", "export", "checkpoint",
                     "tracking"):
             data.pop(key, None)
-        for key in ("max_steps", "log_every_steps", "eval_every_steps", "eval_batches", "deterministic", "compile"):
+        # The layout (nodes, GPUs per node, micro batch) is left out too: with the same global batch every step
+        # reads the same samples, masked the same way (jobs/data.py), and the trainer converts the partitioned
+        # state of a checkpoint written by another world size (jobs/checkpoint.py).
+        for key in ("max_steps", "log_every_steps", "eval_every_steps", "eval_batches", "deterministic", "compile",
+                    "micro_batch_size"):
             data["train"].pop(key, None)
         data["model"].pop("attention", None)
-        for key in ("hang_timeout_seconds", "collective_timeout_seconds", "preflight", "preflight_allreduce_mb"):
+        for key in ("hang_timeout_seconds", "collective_timeout_seconds", "preflight", "preflight_allreduce_mb",
+                    "nodes", "gpus_per_node"):
             data["distributed"].pop(key, None)  # the same weights whichever kernels compute them
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

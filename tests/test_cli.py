@@ -11,12 +11,13 @@ import jsonschema
 import pytest
 import yaml
 from click.testing import CliRunner
-
+from example_files import JOB_SPECS
 from golden_util import check_golden
+
 from launcher.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml") if p.name != "quota.yaml")  # job specs
+EXAMPLES = JOB_SPECS
 TINY = [p for p in EXAMPLES if p.stem.endswith("-tiny")]
 
 

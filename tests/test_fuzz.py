@@ -29,6 +29,7 @@ from click.testing import CliRunner
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from example_files import JOB_SPECS
 from fuzz_util import (HOSTILE_INTS, HOSTILE_STRINGS, check_cli, field_paths, k8s_problems, nested, ran, text,
                        value)
 from launcher.cli import cli
@@ -59,7 +60,7 @@ def _on_shared(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml") if p.name != "quota.yaml")
+EXAMPLES = JOB_SPECS
 BASES = [_on_shared(yaml.safe_load(p.read_text())) for p in EXAMPLES]
 POLICY = yaml.safe_load((REPO / "examples" / "quota.yaml").read_text())
 PROFILE = {

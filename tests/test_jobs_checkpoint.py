@@ -299,7 +299,7 @@ def test_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpo
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_changed_spec_and_another_world_size(prepared, tmp_path):
+def test_resume_refuses_a_changed_spec_and_converts_another_world_size(prepared, tmp_path):
     run = tmp_path / "run"
     spec = write_spec(run, prepared, "train.max_steps=2")
     proc = torchrun(spec)
@@ -307,19 +307,25 @@ def test_resume_refuses_a_changed_spec_and_another_world_size(prepared, tmp_path
     (run / contract.DONE_FILE).unlink()  # as if it had stopped after the step-1 checkpoint
     assert latest(run) == "checkpoints/step-00000001"
 
-    write_spec(run, prepared, "train.max_steps=2", "train.lr=0.001")
-    codes, outs = job(spec, tmp_path / "lr")
-    assert codes == [2, 2], (codes, outs)
-    assert f"error: {run}/checkpoints/step-00000001 was written by a spec with training fingerprint" in outs[0]
-    assert "fix: restore the original spec, or start a new run" in outs[0]
-    assert "Traceback" not in outs[0] + outs[1]
+    for change in ("train.lr=0.001", "train.global_batch_size=16"):  # the numbers change: refused
+        write_spec(run, prepared, "train.max_steps=2", change)
+        codes, outs = job(spec, tmp_path / change.split("=")[0])
+        assert codes == [2, 2], (change, codes, outs)
+        assert f"error: {run}/checkpoints/step-00000001 was written by a spec with training fingerprint" in outs[0]
+        assert "fix: restore the original spec, or start a new run" in outs[0]
+        assert "Traceback" not in outs[0] + outs[1]
 
-    write_spec(run, prepared, "train.max_steps=2")
+    # Another world size with the same global batch (the micro batch accumulates twice): the partitioned ZeRO
+    # state is converted, and the checkpoint it came from is left as it was.
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints/step-00000001").iterdir()}
+    write_spec(run, prepared, "train.max_steps=2", "distributed.gpus_per_node=1")
     codes, outs = job(spec, tmp_path / "world", world=1)
-    assert codes == [2], (codes, outs)
-    assert f"error: {run}/checkpoints/step-00000001 was written by 2 ranks, this job has 1" in outs[0], outs[0]
-    assert "fix: run with distributed.nodes x gpus_per_node = 2, or start a new run" in outs[0]
-    assert not (run / contract.DONE_FILE).exists() and latest(run) == "checkpoints/step-00000001"
+    assert codes == [0], (codes, outs)
+    assert "resharded checkpoints/step-00000001 from 2 to 1 ranks: converted to DeepSpeed's universal " in outs[0]
+    assert "resumed from checkpoints/step-00000001 at step 1" in outs[0], mbl_lines(outs[0])
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints/step-00000001").iterdir()} == before
+    assert not [p for p in (run / contract.CHECKPOINTS_DIR).iterdir() if "universal" in p.name]
+    assert (run / contract.DONE_FILE).exists()
 
 
 # ---- retention (no training) --------------------------------------------------------------------------

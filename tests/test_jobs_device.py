@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,7 +88,7 @@ def test_a_loader_batch_is_refused_by_all_reduce_and_forward_until_moved(checked
     assert all(isinstance(t, HostTensor) for t in batch.values())
     total = (batch["labels"] != -100).sum().float().reshape(1)  # derived from the batch: still on the host
     with pytest.raises(DeviceCheckError, match=rf"torch.distributed.all_reduce at .*{HERE} \(test_a_loader.*\) gets "
-                       r"argument 0: a host tensor made at jobs/data.py:\d+ \(mask_tokens\), never moved"):
+                       r"argument 0: a host tensor made at jobs/data.py:\d+ \(\w+\), never moved"):
         dist.all_reduce(total)
     model = tiny_mlm(batcher.vocab_size)
     checked.watch(model, "cpu")
@@ -120,14 +121,16 @@ def test_marks_follow_the_tensor_and_factories_in_jobs_code(checked):
                   host.to("cpu", torch.float16)):
         assert type(moved) is torch.Tensor
 
-    # A factory call in jobs/ code without device= makes a host tensor (torch.rand in mask_tokens), one here does not.
+    # A factory call in jobs/ code without device= makes a host tensor (torch.from_numpy in sample_uniforms), one
+    # here does not; what mask_tokens derives from it stays marked.
     ids = torch.randint(5, 100, (2, 16))
     assert type(ids) is torch.Tensor
     special = torch.zeros(100, dtype=torch.bool)
-    inputs, labels = D.mask_tokens(ids, torch.Generator().manual_seed(0), 0.3, 4, 100, special)
+    r = D.sample_uniforms(0, np.arange(2), 16, 0)
+    inputs, labels = D.mask_tokens(ids, r, r, 0.3, 4, 100, special)
     assert isinstance(labels, HostTensor) and isinstance(inputs, HostTensor)
-    assert labels._mbl_origin.startswith("jobs/data.py:") and labels._mbl_origin.endswith("(mask_tokens)")
-    with pytest.raises(DeviceCheckError, match=r"host tensor made at jobs/data.py:\d+ \(mask_tokens\)"):
+    assert labels._mbl_origin.startswith("jobs/data.py:") and labels._mbl_origin.endswith("(sample_uniforms)")
+    with pytest.raises(DeviceCheckError, match=r"host tensor made at jobs/data.py:\d+ \(sample_uniforms\)"):
         dist.broadcast(labels, src=0)
 
     # The stop flag makes its tensor with device=: its all_reduce passes the check.

@@ -57,13 +57,17 @@ def test_user_data_errors(tmp_path):
         list(D.read_texts([f], "text"))
 
 
+def uniforms(ids: torch.Tensor, seed: int = 0, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = np.arange(first, first + ids.shape[0], dtype=np.int64)
+    return D.sample_uniforms(seed, g, ids.shape[1], 0), D.sample_uniforms(seed, g, ids.shape[1], 1)
+
+
 def test_masking_rates_and_specials():
-    gen = torch.Generator().manual_seed(0)
     special = torch.zeros(1000, dtype=torch.bool)
     special[:5] = True
     ids = torch.randint(5, 1000, (64, 512))
     ids[:, 0] = 1  # a special token that must never be a target
-    inputs, labels = D.mask_tokens(ids, gen, 0.3, 4, 1000, special)
+    inputs, labels = D.mask_tokens(ids, *uniforms(ids), 0.3, 4, 1000, special)
     target = labels != -100
     assert not target[:, 0].any()
     assert abs(target[:, 1:].float().mean().item() - 0.3) < 0.01
@@ -72,11 +76,28 @@ def test_masking_rates_and_specials():
     assert abs(masked.sum().item() / target.sum().item() - 0.8) < 0.02
     assert abs(kept.sum().item() / target.sum().item() - 0.1) < 0.02  # ~10% unchanged (+ chance random hits)
     assert torch.equal(labels[target], ids[target])
+    randomized = target & (inputs != 4) & (inputs != ids)
+    assert inputs[randomized].min() >= 0 and inputs[randomized].max() < 1000
+    assert inputs[randomized].unique().numel() > 500  # random replacements spread over the vocabulary
+
+
+def test_uniforms_depend_on_the_sample_not_on_the_batch():
+    """Sample g's uniforms are the same whichever batch (rank, micro batch) holds it; streams and seeds differ."""
+    a = D.sample_uniforms(3, np.arange(0, 8), 64, 0)
+    b = D.sample_uniforms(3, np.array([5, 6, 7]), 64, 0)
+    assert torch.equal(a[5:], b)
+    assert a.min() >= 0 and a.max() < 1 and abs(a.mean().item() - 0.5) < 0.05
+    assert not torch.equal(a, D.sample_uniforms(3, np.arange(0, 8), 64, 1))
+    assert not torch.equal(a, D.sample_uniforms(4, np.arange(0, 8), 64, 0))
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[:, 0], a[:, 1])
+    u = D.sample_uniforms(0, np.arange(20000), 16, 0).flatten()
+    counts = torch.histc(u, bins=10, min=0, max=1)
+    assert (counts - u.numel() / 10).abs().max() < 0.02 * u.numel() / 10  # flat within 2%
 
 
 def test_sop_swaps_half():
     ids = torch.arange(33).repeat(1000, 1)
-    out, labels = D.sop_swap(ids, torch.Generator().manual_seed(0))
+    out, labels = D.sop_swap(ids, D.sample_uniforms(0, np.arange(1000), 1, 2)[:, 0])
     assert 0.45 < labels.float().mean() < 0.55
     assert torch.equal(out[labels == 0], ids[labels == 0])
     swapped = out[labels == 1][0]
@@ -96,6 +117,28 @@ def test_seek_is_position_only(prepared):
     r0 = set(D.MLMBatcher(ds, 4, 0, 2, 2, 0, 0.3).sample_ids(3, 0)) | set(D.MLMBatcher(ds, 4, 0, 2, 2, 0, 0.3).sample_ids(3, 1))
     r1 = set(b.sample_ids(3, 0)) | set(b.sample_ids(3, 1))
     assert not r0 & r1 and len(r0 | r1) == 16
+
+
+def test_the_samples_of_a_step_do_not_depend_on_the_layout(prepared):
+    """Global batch 16 as 4 ranks x micro 4, 2 ranks x micro 4 x accum 2, 1 rank x micro 8 x accum 2, 1 rank x
+    micro 16: each step reads the same samples, masked (and SOP-swapped) the same way, whoever reads them."""
+    ds = D.PackedDataset(prepared, "train")
+
+    def step_rows(world: int, micro: int, accum: int, step: int) -> dict[int, tuple]:
+        rows = {}
+        for rank in range(world):
+            b = D.MLMBatcher(ds, micro, rank, world, accum, 0, 0.3, sop=True)
+            for m in range(accum):
+                batch = b.batch(step, m)
+                for i, g in enumerate(b.sample_ids(step, m)):
+                    assert int(g) not in rows  # no sample twice in a step
+                    rows[int(g)] = tuple(batch[k][i].tolist() for k in ("input_ids", "labels", "sop_labels"))
+        return rows
+
+    for step in (0, 5, 200):  # 200: past the end of the first epoch
+        layouts = [step_rows(*layout, step) for layout in ((4, 4, 1), (2, 4, 2), (1, 8, 2), (1, 16, 1))]
+        assert sorted(layouts[0]) == list(range(step * 16, step * 16 + 16))
+        assert all(other == layouts[0] for other in layouts[1:])
 
 
 def test_metrics():

@@ -18,8 +18,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-
+from example_files import JOB_SPECS
 from golden_util import check_golden
+
 from launcher.backends import k8s_render as render
 from launcher.backends.k8s import K8sBackend
 from launcher.errors import UsageError
@@ -31,7 +32,7 @@ from launcher.torchrun import launch_command
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = REPO / "tests" / "schemas"  # CRDs copied unchanged from ../shared/schemas (see SOURCES.md)
 EXAMPLES = ["finetune", "pretrain"]  # the cluster-sized examples: golden files
-ALL_EXAMPLES = sorted(p.stem for p in (REPO / "examples").glob("*.yaml") if p.name != "quota.yaml")
+ALL_EXAMPLES = [p.stem for p in JOB_SPECS]
 SUBMIT_DIR = Path("/shared/work")  # the tiny examples' relative paths resolve onto the pods' volume from here
 IMAGE = "ghcr.io/mbl-project/mbl-trainer:0.1.0"
 K8S_VERSION = "1.33.0"

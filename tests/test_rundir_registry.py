@@ -26,6 +26,23 @@ def test_new_then_same_spec_resumes(tmp_path):
     assert check_run_dir(again) == "resume"
 
 
+def test_another_layout_with_the_same_global_batch_resumes(tmp_path):
+    """More or fewer nodes, GPUs or a smaller micro batch: the same run (the trainer converts its checkpoints);
+    another global batch or ZeRO stage is another job."""
+    first = spec(tmp_path, global_batch_size=32, micro_batch_size=8)
+    write_spec(first)
+    for nodes, gpus, micro in ((2, 2, 8), (1, 1, 4), (4, 8, 1)):
+        moved = spec(tmp_path, global_batch_size=32, micro_batch_size=micro)
+        moved = moved.model_copy(update={"distributed": moved.distributed.model_copy(
+            update={"nodes": nodes, "gpus_per_node": gpus})})
+        assert check_run_dir(moved) == "resume", (nodes, gpus, micro)
+    with pytest.raises(UsageError, match="train.global_batch_size"):
+        check_run_dir(spec(tmp_path, global_batch_size=64, micro_batch_size=8))
+    zero3 = first.model_copy(update={"distributed": first.distributed.model_copy(update={"zero_stage": 3})})
+    with pytest.raises(UsageError, match="distributed.zero_stage"):
+        check_run_dir(zero3)
+
+
 def test_different_spec_is_refused_and_names_the_change(tmp_path):
     write_spec(spec(tmp_path))
     with pytest.raises(UsageError) as info:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from example_files import JOB_SPECS
 from golden_util import check_golden
 
 from launcher.backends.slurm import SlurmBackend
@@ -24,7 +25,7 @@ from launcher.spec import JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "slurm"
-EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.yaml") if p.name != "quota.yaml")  # job specs
+EXAMPLES = JOB_SPECS
 RUNTIMES = ["pyxis", "apptainer", "none"]
 NODES = [1, 2, 16]
 BASE = Path("/shared/work")  # relative checkpoint dirs resolve here, so the files do not depend on the CWD
