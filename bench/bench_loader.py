@@ -40,7 +40,7 @@ def main() -> None:
     samples = np.arange(args.batch, dtype=np.int64)
 
     def ours():  # the batcher's masking: its uniforms hashed from (seed, sample, position), then the masks
-        r, pick = (D.sample_uniforms(0, samples, args.seq_len, stream) for stream in (0, 1))
+        r, pick = D.sample_uniforms(0, samples, args.seq_len, 0, pair=True)
         return D.mask_tokens(rows, r, pick, 0.3, tok.mask_token_id, vocab, special)
 
     from transformers import DataCollatorForLanguageModeling

@@ -323,20 +323,30 @@ _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer on uint64 arrays (wrapping arithmetic): a counter-based hash, vectorized."""
+    """splitmix64's finalizer on uint64 arrays (wrapping arithmetic, in place where it can): a counter-based
+    hash, vectorized."""
     x = x + _GOLDEN
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
+    x ^= x >> np.uint64(30)
+    x *= _M1
+    x ^= x >> np.uint64(27)
+    x *= _M2
+    x ^= x >> np.uint64(31)
+    return x
 
 
-def sample_uniforms(seed: int, samples: np.ndarray, length: int, stream: int) -> torch.Tensor:
-    """Uniform floats in [0, 1), shape (len(samples), length): element (i, j) depends only on (seed, samples[i],
-    j, stream), never on which rank or micro batch reads sample i."""
+def sample_uniforms(seed: int, samples: np.ndarray, length: int, stream: int,
+                    pair: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Uniform floats in [0, 1) with 24 random bits, shape (len(samples), length): element (i, j) depends only on
+    (seed, samples[i], j, stream), never on which rank or micro batch reads sample i. pair=True: two
+    independent arrays from the high and the low bits of the same hashes (one hash per element for both)."""
     with np.errstate(over="ignore"):
         row = _mix(_mix(np.uint64(seed) ^ (np.uint64(stream) << np.uint64(56))) ^ samples.astype(np.uint64))
         bits = _mix(row[:, None] + np.arange(length, dtype=np.uint64)[None, :] * _GOLDEN)
-    return torch.from_numpy((bits >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / (1 << 24)))
+    scale = np.float32(1.0 / (1 << 24))
+    high = torch.from_numpy((bits >> np.uint64(40)).astype(np.float32) * scale)
+    if not pair:
+        return high
+    return high, torch.from_numpy((bits & np.uint64(0xFFFFFF)).astype(np.float32) * scale)
 
 
 def mask_tokens(ids: torch.Tensor, r: torch.Tensor, pick: torch.Tensor, mask_prob: float, mask_id: int,
@@ -404,9 +414,8 @@ class MLMBatcher:
         if self.sop:
             ids, out["sop_labels"] = sop_swap(ids, sample_uniforms(self.seed, g, 1, 2)[:, 0])
         L = ids.shape[1]
-        out["input_ids"], out["labels"] = mask_tokens(
-            ids, sample_uniforms(self.seed, g, L, 0), sample_uniforms(self.seed, g, L, 1), self.mask_prob,
-            self.mask_id, self.vocab_size, self.special)
+        out["input_ids"], out["labels"] = mask_tokens(ids, *sample_uniforms(self.seed, g, L, 0, pair=True),
+                                                      self.mask_prob, self.mask_id, self.vocab_size, self.special)
         out["attention_mask"] = torch.ones_like(ids)
         return out
 

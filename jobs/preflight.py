@@ -125,7 +125,7 @@ def run(ctx, parameters: int) -> int | None:
         token_file.unlink(missing_ok=True)
     bad = {(h, f) for _, h, fs in every for f in fs}
     if not bad:
-        ctx.log(f"preflight: {n} ranks on {len({h for _, h, _ in every})} host(s) passed in {time.time() - t0:.1f}s; "
+        ctx.log(f"preflight: {n} ranks on {len({h for _, h, _ in every})} host(s) passed in {time.time() - t0:.2f}s; "
                 f"all-reduce of {size >> 20} MB: {seconds * 1e3:.0f} ms, bus bandwidth {busbw:.2f} GB/s")
         return None
     if ctx.rank == 0:

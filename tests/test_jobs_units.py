@@ -59,7 +59,7 @@ def test_user_data_errors(tmp_path):
 
 def uniforms(ids: torch.Tensor, seed: int = 0, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = np.arange(first, first + ids.shape[0], dtype=np.int64)
-    return D.sample_uniforms(seed, g, ids.shape[1], 0), D.sample_uniforms(seed, g, ids.shape[1], 1)
+    return D.sample_uniforms(seed, g, ids.shape[1], 0, pair=True)
 
 
 def test_masking_rates_and_specials():
@@ -90,6 +90,9 @@ def test_uniforms_depend_on_the_sample_not_on_the_batch():
     assert not torch.equal(a, D.sample_uniforms(3, np.arange(0, 8), 64, 1))
     assert not torch.equal(a, D.sample_uniforms(4, np.arange(0, 8), 64, 0))
     assert not torch.equal(a[0], a[1]) and not torch.equal(a[:, 0], a[:, 1])
+    high, low = D.sample_uniforms(3, np.arange(0, 8), 64, 0, pair=True)
+    assert torch.equal(high, a) and abs(low.mean().item() - 0.5) < 0.05
+    assert abs(torch.corrcoef(torch.stack([high.flatten(), low.flatten()]))[0, 1].item()) < 0.05
     u = D.sample_uniforms(0, np.arange(20000), 16, 0).flatten()
     counts = torch.histc(u, bins=10, min=0, max=1)
     assert (counts - u.numel() / 10).abs().max() < 0.02 * u.numel() / 10  # flat within 2%
