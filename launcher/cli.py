@@ -209,7 +209,15 @@ def render(spec_path: str, cluster: str | None, short: str | None, sets: tuple[s
     """
     name = _cluster(cluster, short)
     if _is_pipeline(spec_path):
-        _pipeline_plan(spec_path, sets, name)
+        pipeline = _pipeline_plan(spec_path, sets, name)
+        if name == "k8s":
+            from launcher.pipeline_k8s import render as render_k8s
+
+            click.echo(render_k8s(pipeline, _backend("k8s", profile=profile, kube_context=kube_context)), nl=False)
+        if name == "slurm":
+            from launcher.pipeline_slurm import render as render_slurm
+
+            click.echo(render_slurm(pipeline, _backend("slurm", profile=profile).profile.slurm), nl=False)
         return
     spec = _load(spec_path, sets, namespace)
     request = _backend(name, profile=profile, kube_context=kube_context).dryrun(spec)
@@ -251,7 +259,8 @@ def submit(spec_path: str, cluster: str | None, short: str | None, sets: tuple[s
     """
     name = _cluster(cluster, short)
     if _is_pipeline(spec_path):
-        sys.exit(_submit_pipeline(spec_path, sets, name, dry_run, detach, force))
+        sys.exit(_submit_pipeline(spec_path, sets, name, dry_run, detach, force, profile, no_quota_check,
+                                  kube_context))
     if force and name == "k8s":  # never dropped silently
         raise UsageError("--force does not apply to --k8s: a job name is never replaced in the cluster",
                          hint="delete the old job first (mbl cancel NAME), then submit; the run resumes from its "
@@ -286,23 +295,47 @@ def _pipeline_plan(path: str, sets: tuple[str, ...], cluster: str) -> Any:
     """Load and validate a pipeline, print its plan (stages, points, run directories); the pipeline."""
     from launcher.pipeline import describe, load_pipeline
 
-    if cluster != "local":
-        raise UsageError(f"a pipeline runs on the local backend for now, not on {cluster}",
-                         hint="submit it without --cluster/--slurm/--k8s; Slurm job arrays and Kubernetes are coming "
-                              "(issue 15), meanwhile submit its stages' specs one by one")
     pipeline = load_pipeline(path, list(sets))
     for line in describe(pipeline, local=cluster == "local"):
-        click.echo(line)
+        click.echo(("# " + line) if cluster == "k8s" else line)
     return pipeline
 
 
 def _submit_pipeline(path: str, sets: tuple[str, ...], cluster: str, dry_run: bool, detach: bool,
-                     force: bool) -> int:
-    """`mbl submit PIPELINE`: every stage in dependency order, in the foreground (launcher/pipeline_run.py)."""
-    if detach or force:
-        raise UsageError(f"{'--detach' if detach else '--force'} does not apply to a pipeline",
-                         hint="a pipeline runs in the foreground; Ctrl-C stops it and submitting it again resumes it")
+                     force: bool, profile: str | None = None, no_quota_check: bool = False,
+                     kube_context: str | None = None) -> int:
+    """`mbl submit PIPELINE`: locally, every stage in dependency order in the foreground (launcher/pipeline_run.py);
+    on Slurm, one job (or job array) per stage chained with afterok, and return (launcher/pipeline_slurm.py)."""
+    if force or (detach and cluster == "local"):
+        raise UsageError(f"{'--force' if force else '--detach'} does not apply to a pipeline",
+                         hint="a pipeline runs in the foreground; Ctrl-C stops it and submitting it again resumes it"
+                         if cluster == "local" else "submitting it again resumes unfinished points and skips "
+                         "finished ones")
     pipeline = _pipeline_plan(path, sets, cluster)
+    if cluster == "k8s":
+        from launcher import pipeline_k8s
+
+        backend = _backend("k8s", profile=profile, kube_context=kube_context)
+        pipeline_k8s.plan(pipeline, backend)  # every point renders before anything is created
+        if dry_run:
+            click.echo(pipeline_k8s.render(pipeline, backend), nl=False)
+            return 0
+        return pipeline_k8s.submit(pipeline, backend, _registry(), lambda line: click.echo(line, err=True))
+    if cluster == "slurm":
+        from launcher import pipeline_slurm
+
+        backend = _backend("slurm", profile=profile)
+        jobs, _skipped = pipeline_slurm.plan(pipeline, backend.profile.slurm)
+        registry = _registry()
+        pipeline_slurm.check(pipeline, jobs, registry, _backend)
+        if dry_run:
+            click.echo(pipeline_slurm.render(pipeline, backend.profile.slurm), nl=False)
+            return 0
+        if not no_quota_check:  # each stage as it will run: a sweep counts as its max_parallel jobs
+            for job in jobs:
+                _quota_precheck("slurm", job.points[0].spec, backend,
+                                count=min(len(job.points), job.stage.parallel(local=False)))
+        return pipeline_slurm.submit(pipeline, backend, registry, lambda line: click.echo(line, err=True))
     from launcher.pipeline_run import check_points, run_local
 
     registry = _registry()
@@ -323,7 +356,7 @@ def _policy_path(explicit: str | None) -> Path | None:
     return config if config.exists() else None
 
 
-def _quota_precheck(cluster: str, spec: Any, backend: Any) -> None:
+def _quota_precheck(cluster: str, spec: Any, backend: Any, count: int = 1) -> None:
     """Refuse a job that would break its team's GPU share, when a quota policy is configured. The use counted
     is that of the account and partition the job is submitted to (the profile's defaults, as the renderer
     uses them) on Slurm, and the team's current use on Kubernetes."""
@@ -346,7 +379,7 @@ def _quota_precheck(cluster: str, spec: Any, backend: Any) -> None:
         from launcher.quota_k8s import k8s_usage
 
         usage = k8s_usage(quota.load_policy(policy), context=getattr(backend, "kube_context", None)).get(spec.team)
-    quota.precheck(spec, str(policy), usage, part)
+    quota.precheck(spec, str(policy), usage, part, count)
 
 
 def _follow_local(backend: Any, registry: Any, record: Any, verbose: bool = False) -> int:

@@ -117,19 +117,22 @@ def last_step(run_dir: Path) -> int:
     return max(steps, default=-1)
 
 
-def release_requeued(cluster: dict, job_id: str, timeout: float = 90) -> None:
-    """A requeued job pends ~2 min with reason BeginTime; start it at once."""
+def release_requeued(cluster: dict, job_id: str, timeout: float = 90, stepd_id: str | None = None,
+                     count_restarts: bool = True) -> None:
+    """A requeued job pends ~2 min with reason BeginTime; start it at once. An array task is `<array>_<task>`
+    for squeue and scontrol while the node's slurmstepd names it by its own number: `stepd_id`."""
     def pending_on_begin_time() -> bool:
         out = slurm(cluster, "squeue", "--noheader", "--jobs", job_id, "-O", "State:|,Reason:|,RestartCnt:|")
         state, reason, restarts = (out.strip().split("|") + ["", "", ""])[:3]
-        return state == "PENDING" and reason == "BeginTime" and restarts not in ("", "0")
+        return (state == "PENDING" and reason == "BeginTime"
+                and (not count_restarts or restarts not in ("", "0")))
 
     wait_for(f"job {job_id} to pend after its requeue", pending_on_begin_time, timeout)
 
     # The previous attempt must be gone from the nodes first: started while its slurmstepd still runs, the
     # new attempt is killed with "Job credential revoked" (Slurm's own BeginTime delay avoids that race).
     def previous_attempt_gone() -> bool:
-        marker = f"slurmstepd: [{job_id}.".encode()
+        marker = f"slurmstepd: [{stepd_id or job_id}.".encode()
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
                 if cmdline.read_bytes().startswith(marker):

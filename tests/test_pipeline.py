@@ -178,8 +178,8 @@ def test_cli_validate_and_dry_run(tmp_path):
     bad = write(tmp_path, two_stage(tmp_path, after=["nope"]), "bad.yaml")
     result = CliRunner().invoke(cli, ["submit", str(bad)])
     assert result.exit_code == 2 and "unknown stage 'nope'" in result.output
-    slurm = CliRunner().invoke(cli, ["submit", "--slurm", str(good)])
-    assert slurm.exit_code == 2 and "local backend for now" in slurm.output
+    k8s = CliRunner().invoke(cli, ["submit", "--k8s", str(good)])  # tests/test_pipeline_{slurm,k8s}.py
+    assert k8s.exit_code == 2 and "Kubernetes runs a container image" in k8s.output
     big = CliRunner().invoke(cli, ["submit", "--dry-run", str(REPO / "examples" / "pipeline.yaml")])
     assert big.exit_code == 2 and "stage pretrain: the local backend runs one node" in big.output
 

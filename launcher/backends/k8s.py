@@ -94,8 +94,10 @@ def pod_problem(pod: dict[str, Any]) -> str:
 
 
 def termination_message(pod: dict[str, Any]) -> str:
-    """The trainer container's last termination message: jobs.launch's outcome and reason."""
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+    """The trainer container's last termination message: jobs.launch's outcome and reason; or that of a pipeline
+    stage's init container that gave up waiting for its upstream stages (launcher/stagewait.py)."""
+    status = pod.get("status") or {}
+    for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
         for key in ("state", "lastState"):
             terminated = (cs.get(key) or {}).get("terminated") or {}
             if terminated.get("message"):

@@ -164,6 +164,35 @@ def parse_rows(text: str, fields: list[str]) -> list[dict[str, str]]:
 
 SQUEUE_FIELDS = ["JobID", "State", "Reason", "RestartCnt", "NodeList"]
 SACCT_FIELDS = ["JobIDRaw", "JobName", "State", "ExitCode", "Reason", "Elapsed", "NodeList"]
+# Asked too, last: an array task's `<array id>_<task id>` (squeue's JobID and sacct's JobIDRaw are its own number).
+SQUEUE_ARRAY_FIELD, SACCT_ARRAY_FIELD = "JobArrayID", "JobID"
+
+
+def dependency_words(after: list[dict], pending: bool) -> str:
+    """Why a job whose `afterok` dependency failed never runs, naming the upstream stages (ref.extra["after"]:
+    [{"stage", "job_id"}]) instead of Slurm's "DependencyNeverSatisfied"."""
+    names = " and ".join(f"{a.get('stage', 'job')} (job {a.get('job_id')})" for a in after) or "a job it needs"
+    verb = "will never start" if pending else "cancelled by Slurm"
+    one = len(after) <= 1
+    return (f"{verb}: its dependency {names} did not complete" if one else
+            f"{verb}: one of its dependencies {names} did not complete")
+
+
+def aggregate(statuses: list[JobStatus], task_ids: list[str]) -> JobStatus:
+    """The state of a job array from its tasks': running while any runs, pending while any waits, then the
+    worst end (failed, timeout, cancelled) or completed; the detail counts the tasks by state."""
+    counts: dict[str, int] = {}
+    for st in statuses:
+        counts[st.state.value] = counts.get(st.state.value, 0) + 1
+    detail = "tasks: " + ", ".join(f"{n} {state}" for state, n in counts.items())
+    for state in (JobState.RUNNING, JobState.REQUEUED, JobState.PENDING, JobState.PREEMPTED, JobState.FAILED,
+                  JobState.TIMEOUT, JobState.CANCELLED, JobState.UNKNOWN):
+        hits = [(t, st) for t, st in zip(task_ids, statuses) if st.state == state]
+        if hits:
+            task, first = hits[0]
+            reason = first.reason if state not in (JobState.RUNNING,) else ""
+            return JobStatus(state, f"task {task}: {reason}" if reason else "", detail)
+    return JobStatus(JobState.COMPLETED if statuses else JobState.UNKNOWN, "", detail)
 
 
 def status_from_squeue(row: dict[str, str]) -> JobStatus:
@@ -279,18 +308,23 @@ class SlurmBackend(Backend):
         tmp = path.with_suffix(".tmp")
         tmp.write_text(request.files[SCRIPT_FILE])
         tmp.replace(path)
-        proc = self._run(request.command, check=False)
-        if proc.returncode != 0:
-            raise self._refusal(proc.stderr.strip() or proc.stdout.strip(), spec, path)
-        job_id = proc.stdout.strip().splitlines()[-1].split(";")[0] if proc.stdout.strip() else ""
-        if not _JOB_ID.match(job_id):
-            raise BackendError(f"sbatch --parsable printed no job id: {proc.stdout!r}")
+        job_id = self.sbatch(request.command, spec, path)
         # Keep the exact script of this submission beside its logs.
         (run_dir / LOGS_DIR / f"job-{job_id}.sbatch").write_text(request.files[SCRIPT_FILE])
         extra = {"script": str(path)}
         if os.environ.get("SLURM_CONF"):
             extra["slurm_conf"] = os.environ["SLURM_CONF"]
         return JobRef(self.name, job_id, spec.name, spec.run_dir, extra)
+
+    def sbatch(self, command: list[str], spec: JobSpec, script_path: Path) -> str:
+        """Run `sbatch --parsable ...`: the job id, or sbatch's refusal explained (`_refusal`)."""
+        proc = self._run(command, check=False)
+        if proc.returncode != 0:
+            raise self._refusal(proc.stderr.strip() or proc.stdout.strip(), spec, script_path)
+        job_id = proc.stdout.strip().splitlines()[-1].split(";")[0] if proc.stdout.strip() else ""
+        if not _JOB_ID.match(job_id):
+            raise BackendError(f"sbatch --parsable printed no job id: {proc.stdout!r}")
+        return job_id
 
     def _refusal(self, message: str, spec: JobSpec, script_path: Path) -> MblError:
         """sbatch's refusal, with what to choose instead where Slurm can tell: the accounts this user may
@@ -340,25 +374,44 @@ class SlurmBackend(Backend):
         """One `squeue --jobs ID,ID,...` for all `refs`: (rows by job id, None), or ({}, why) when slurmctld did
         not answer. squeue leaves out the ids it has forgotten (a lone forgotten id is an error it gives)."""
         ids = list(dict.fromkeys(r.job_id for r in refs))
-        fmt = ",".join(f"{f}:|" for f in SQUEUE_FIELDS)
+        fields = [*SQUEUE_FIELDS, SQUEUE_ARRAY_FIELD]
+        fmt = ",".join(f"{f}:|" for f in fields)
         proc = self._run(["squeue", "--noheader", "--jobs", ",".join(ids), "-O", fmt], refs[0], check=False)
         if proc.returncode != 0:
             message = _first_error(proc)
             return {}, None if "invalid job id" in message.lower() else message
         rows = {}
-        for row in parse_rows(proc.stdout, SQUEUE_FIELDS):
+        for row in parse_rows(proc.stdout, fields):
             rows.setdefault(row["JobID"], row)
+            if "_" in row[SQUEUE_ARRAY_FIELD] and "[" not in row[SQUEUE_ARRAY_FIELD]:  # an array task, by its pair
+                rows[row[SQUEUE_ARRAY_FIELD]] = row
         return rows, None
 
     def _sacct_rows(self, refs: list[JobRef]) -> tuple[dict[str, dict[str, str]], str | None]:
         """One `sacct --jobs ID,ID,...` for all `refs`: (the newest row of each job, None), or ({}, why) when
         Slurm's accounting (slurmdbd, or its database) did not answer."""
-        ids = list(dict.fromkeys(r.job_id for r in refs))
+        # An array task is asked by its array's id: sacct knows no task that never started (its array was
+        # cancelled while it pended) and then answers with the array's own row, `<id>_[0-3%2]`.
+        ids = list(dict.fromkeys(r.job_id.split("_")[0] for r in refs))
+        fields = [*SACCT_FIELDS, SACCT_ARRAY_FIELD]
         proc = self._run(["sacct", "--jobs", ",".join(ids), "--allocations", "--parsable2", "--noheader",
-                          f"--format={','.join(SACCT_FIELDS)}"], refs[0], check=False)
+                          f"--format={','.join(fields)}"], refs[0], check=False)
         if proc.returncode != 0:
             return {}, _first_error(proc)
-        return {row["JobIDRaw"]: row for row in parse_rows(proc.stdout, SACCT_FIELDS)}, None
+        rows: dict[str, dict[str, str]] = {}
+        pending_arrays: dict[str, dict[str, str]] = {}
+        for row in parse_rows(proc.stdout, fields):
+            pair = row[SACCT_ARRAY_FIELD]
+            if "_[" in pair:
+                pending_arrays[pair.split("_")[0]] = row
+            elif "_" in pair:
+                rows[pair] = row
+            rows.setdefault(row["JobIDRaw"], row)
+        for ref in refs:
+            base = ref.job_id.split("_")[0]
+            if "_" in ref.job_id and ref.job_id not in rows and base in pending_arrays:
+                rows[ref.job_id] = pending_arrays[base]
+        return rows, None
 
     def _warn(self, text: str) -> None:
         if text not in self.warnings:
@@ -371,6 +424,20 @@ class SlurmBackend(Backend):
         When slurmctld does not answer, the states come from accounting (sacct); when slurmdbd does not, from
         squeue alone, and a job squeue has forgotten (MinJobAge after its end) is told by its run directory.
         Either way `warnings` says so, once."""
+        arrays = [r for r in refs if r.extra.get("array_tasks")]
+        if arrays:  # a job array's state is its tasks': asked with the rest, then summed up
+            tasks = [JobRef(self.name, t, r.name, run_dir, {k: v for k, v in r.extra.items() if k != "array_tasks"})
+                     for r in arrays for t, run_dir in r.extra["array_tasks"]]
+            plain = [r for r in refs if not r.extra.get("array_tasks")]
+            answers = dict(zip((id(r) for r in [*plain, *tasks]), self.statuses([*plain, *tasks])))
+            out = []
+            for ref in refs:
+                if ref.extra.get("array_tasks"):
+                    mine = [t for t in tasks if t.name == ref.name and t.job_id.split("_")[0] == ref.job_id]
+                    out.append(aggregate([answers[id(t)] for t in mine], [t.job_id for t in mine]))
+                else:
+                    out.append(answers[id(ref)])
+            return out
         found: dict[int, JobStatus] = {}
         groups: dict[str, list[JobRef]] = {}
         for ref in refs:  # the configuration _run uses: this environment's SLURM_CONF, else the submission's
@@ -393,6 +460,20 @@ class SlurmBackend(Backend):
 
     def _combine(self, ref: JobRef, row: dict[str, str] | None, acct: dict[str, str] | None,
                  ctld_down: str | None, dbd_down: str | None) -> JobStatus:
+        status = self._combine_raw(ref, row, acct, ctld_down, dbd_down)
+        # A pipeline's stage whose `afterok` dependency failed: Slurm cancels it (--kill-on-invalid-dep=yes) or
+        # leaves it pending for ever; say which upstream stage it waited for, in words.
+        source = row if row is not None else (acct or {})
+        slurm_reason, raw_state = source.get("Reason", ""), source.get("State", "")
+        if slurm_reason.startswith("Dependency") and "after" in ref.extra:
+            if status.state == JobState.CANCELLED and not raw_state.startswith("CANCELLED by"):
+                status.reason = dependency_words(ref.extra["after"], pending=False)
+            elif status.state == JobState.PENDING and slurm_reason == "DependencyNeverSatisfied":
+                status.reason = dependency_words(ref.extra["after"], pending=True)
+        return status
+
+    def _combine_raw(self, ref: JobRef, row: dict[str, str] | None, acct: dict[str, str] | None,
+                     ctld_down: str | None, dbd_down: str | None) -> JobStatus:
         if row is not None:
             status = status_from_squeue(row)
             if status.state != JobState.UNKNOWN:

@@ -28,6 +28,7 @@ What the script does, attempt after attempt (Slurm requeues keep the job id):
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from launcher.contract import DONE_FILE, LAUNCH_REQUEUE, LOGS_DIR, SPEC_FILE
@@ -39,11 +40,30 @@ from launcher.torchrun import launch_command
 SCRIPT_FILE = "job.sbatch"
 
 # Options `slurm.sbatch_args` may not replace: the script depends on them.
-_FIXED = ("job-name", "nodes", "ntasks-per-node", "requeue", "signal", "open-mode", "output")
+_FIXED = ("job-name", "nodes", "ntasks-per-node", "requeue", "signal", "open-mode", "output", "array", "dependency")
 
 
 class Raw(str):
     """A shell expression the renderer must not quote (it expands at run time, e.g. "${MASTER_ADDR}")."""
+
+
+# The scheduler's name of this job: a plain job's id, or an array task's `<array id>_<task id>` (inside a task,
+# SLURM_JOB_ID is the task's own number, which `scontrol requeue` also takes; the pair is what squeue shows).
+JOB_ME = "${SLURM_JOB_ID}"
+TASK_ME = "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+
+
+@dataclass(frozen=True)
+class Array:
+    """A job array over the points of a pipeline's sweep (launcher/pipeline_slurm.py): task i runs point i as
+    `names[i]` in `run_dirs[i]`, reading that run directory's spec. `tasks` is sbatch's `--array` value
+    (`0-3%2`, or `1,3%2` when some points are finished); `log_dir` holds Slurm's own `--output` files."""
+
+    name: str
+    names: tuple[str, ...]
+    run_dirs: tuple[str, ...]
+    tasks: str
+    log_dir: str
 
 
 def q(value: object) -> str:
@@ -91,12 +111,13 @@ def check(spec: JobSpec, profile: SlurmProfile) -> None:
         check_slurm(spec, profile.shared_root, rt)  # every path the job reads or writes, under the mounts
 
 
-def sbatch_options(spec: JobSpec, profile: SlurmProfile) -> dict[str, str | None]:
-    """The #SBATCH options, in the order they are written; None means a flag without a value."""
+def sbatch_options(spec: JobSpec, profile: SlurmProfile, array: Array | None = None) -> dict[str, str | None]:
+    """The #SBATCH options, in the order they are written; None means a flag without a value. With `array`,
+    the array's name, `--array` and one `--output` per task (`%A_%a`) under its log folder."""
     check(spec, profile)
     d, r, s = spec.distributed, spec.resources, spec.slurm
     opts: dict[str, str | None] = {
-        "job-name": spec.name,
+        "job-name": array.name if array else spec.name,
         "nodes": str(d.nodes),
         "ntasks-per-node": "1",
     }
@@ -121,7 +142,9 @@ def sbatch_options(spec: JobSpec, profile: SlurmProfile) -> dict[str, str | None
     opts["requeue"] = None
     opts["signal"] = f"B:USR1@{s.signal_seconds}"
     opts["open-mode"] = "append"
-    opts["output"] = f"{spec.run_dir}/{LOGS_DIR}/slurm-%j.out"
+    opts["output"] = f"{array.log_dir}/slurm-%A_%a.out" if array else f"{spec.run_dir}/{LOGS_DIR}/slurm-%j.out"
+    if array:
+        opts["array"] = array.tasks
     for key, value in sorted(s.sbatch_args.items()):
         if key in _FIXED:
             raise UsageError(
@@ -214,15 +237,18 @@ def _line(words: list[str], indent: str = "  ") -> str:
     return "\n".join(lines)
 
 
-def render_script(spec: JobSpec, profile: SlurmProfile, trainer: list[str]) -> str:
-    """The batch script. `trainer` is the torchrun command (Raw items are left unquoted)."""
-    opts = sbatch_options(spec, profile)
+def render_script(spec: JobSpec, profile: SlurmProfile, trainer: list[str], array: Array | None = None) -> str:
+    """The batch script. `trainer` is the torchrun command (Raw items are left unquoted). With `array`, the
+    same script for every task of a job array: the task picks its run directory (and so its spec) and job
+    name by SLURM_ARRAY_TASK_ID, and requeues itself alone."""
+    opts = sbatch_options(spec, profile, array)
     d, s = spec.distributed, spec.slurm
     rt = runtime(spec, profile)
+    me = TASK_ME if array else JOB_ME
     out: list[str] = [
         "#!/bin/bash",
         "# shellcheck disable=SC1090,SC1091  # setup lines may source files of the cluster",
-        f"# mbl: {spec.kind} job {spec.name}: {d.nodes} node(s) x {d.gpus_per_node} GPU(s), "
+        f"# mbl: {spec.kind} job {array.name if array else spec.name}: {d.nodes} node(s) x {d.gpus_per_node} GPU(s), "
         f"container runtime {rt}.",
         f"# Rendered by `mbl render --slurm`; submitted with `sbatch --parsable {SCRIPT_FILE}`.",
         "# Logs: logs/attempt-<SLURM_RESTART_COUNT>.log in the run directory.",
@@ -234,11 +260,23 @@ def render_script(spec: JobSpec, profile: SlurmProfile, trainer: list[str]) -> s
         "",
         "# Each attempt (the first run, then every requeue) appends to a log of its own. The job runs in the",
         "# directory `mbl submit` ran in (sbatch's default), where relative paths of the spec resolve.",
-        f"run_dir={q(spec.run_dir)}",
+    ]
+    if array:
+        out += [
+            "# A job array: task i runs sweep point i, in its own run directory (with its own spec.yaml), and",
+            "# requeues itself alone.",
+            _line(["run_dirs=(", *(q(x) for x in array.run_dirs), ")"]),
+            _line(["job_names=(", *(q(x) for x in array.names), ")"]),
+            'task="${SLURM_ARRAY_TASK_ID:?mbl: this script is a job array; submit it with --array}"',
+            'run_dir="${run_dirs[task]}"',
+        ]
+    else:
+        out += [f"run_dir={q(spec.run_dir)}"]
+    out += [
         'attempt="${SLURM_RESTART_COUNT:-0}"',
         f'mkdir -p "${{run_dir}}/{LOGS_DIR}"',
         f'exec >>"${{run_dir}}/{LOGS_DIR}/attempt-${{attempt}}.log" 2>&1',
-        'echo "mbl: job ${SLURM_JOB_ID} attempt ${attempt} on ${SLURM_JOB_NODELIST} in ${PWD} at $(date -u +%FT%TZ)"',
+        f'echo "mbl: job {me} attempt ${{attempt}} on ${{SLURM_JOB_NODELIST}} in ${{PWD}} at $(date -u +%FT%TZ)"',
         "",
         "set -eo pipefail",
     ]
@@ -248,8 +286,8 @@ def render_script(spec: JobSpec, profile: SlurmProfile, trainer: list[str]) -> s
     elif setup:
         out += ["# Setup on the host (the trainer itself runs in the container).", *setup]
 
-    env = {"MBL_JOB_NAME": spec.name, "MBL_RUN_DIR": Raw('"${run_dir}"'), "MBL_BACKEND": "slurm",
-           "MBL_JOB_ID": Raw('"${SLURM_JOB_ID}"'), "MBL_ATTEMPT": Raw('"${attempt}"'), "PYTHONUNBUFFERED": "1",
+    env = {"MBL_JOB_NAME": Raw('"${job_names[task]}"') if array else spec.name, "MBL_RUN_DIR": Raw('"${run_dir}"'),
+           "MBL_BACKEND": "slurm", "MBL_JOB_ID": Raw(f'"{me}"'), "MBL_ATTEMPT": Raw('"${attempt}"'), "PYTHONUNBUFFERED": "1",
            **spec.env}
     out += ["", "# Environment (spec.env)."]
     out += [f"export {k}={q(v)}" for k, v in env.items()]
@@ -281,7 +319,7 @@ def render_script(spec: JobSpec, profile: SlurmProfile, trainer: list[str]) -> s
         '  echo "mbl: SIG$1 at $(date -u +%FT%TZ): asking the trainer to save a checkpoint and exit"',
         "  # To the tasks (torchrun) of every step, not to srun: srun ends the step on SIGTERM, killing the ranks.",
         '  if [[ -n "${srun_pid}" ]]; then',
-        '    scancel --signal=TERM "${SLURM_JOB_ID}" || echo "mbl: scancel --signal=TERM failed"',
+        f'    scancel --signal=TERM "{me}" || echo "mbl: scancel --signal=TERM failed"',
         "  fi",
         "}",
         "trap 'forward_signal USR1' USR1",
@@ -317,7 +355,7 @@ def render_script(spec: JobSpec, profile: SlurmProfile, trainer: list[str]) -> s
         '    exit "${rc}"',
         "  fi",
         "  # Nodes the preflight found bad (jobs/preflight.py) are excluded from the next attempt, up to a limit.",
-        f'  bad_nodes="${{run_dir}}/{LOGS_DIR}/bad-nodes-${{SLURM_JOB_ID}}"',
+        f'  bad_nodes="${{run_dir}}/{LOGS_DIR}/bad-nodes-{me}"',
         '  exclude=""',
         '  if [[ -s "${bad_nodes}" ]]; then',
         '    exclude="$(sort -u "${bad_nodes}" | paste -sd, -)"',
@@ -330,10 +368,10 @@ def render_script(spec: JobSpec, profile: SlurmProfile, trainer: list[str]) -> s
         '  echo "mbl: requeueing (restart $((attempt + 1))); the trainer resumes from latest"',
         "  # slurmctld may be restarting (a failover, an upgrade): a few tries before giving up.",
         "  for try in 1 2 3 4 5 6; do",
-        '    if scontrol requeue "${SLURM_JOB_ID}"; then',
+        f'    if scontrol requeue "{me}"; then',
         '      if [[ -n "${exclude}" ]]; then',
         '        echo "mbl: the next attempt excludes ${exclude} (the preflight found them bad)"',
-        '        scontrol update JobId="${SLURM_JOB_ID}" ExcNodeList="${exclude}" ||'
+        f'        scontrol update JobId="{me}" ExcNodeList="${{exclude}}" ||'
         ' echo "mbl: excluding ${exclude} failed"',
         "      fi",
         "      exit 0",
@@ -354,19 +392,21 @@ def render_script(spec: JobSpec, profile: SlurmProfile, trainer: list[str]) -> s
     return "\n".join(out) + "\n"
 
 
-def trainer_words(spec: JobSpec) -> list[str]:
-    """jobs.launch with a c10d rendezvous across the job's nodes (launcher.torchrun builds the rest)."""
+def trainer_words(spec: JobSpec, array: Array | None = None) -> list[str]:
+    """jobs.launch with a c10d rendezvous across the job's nodes (launcher.torchrun builds the rest); an array
+    task reads the spec of its own run directory."""
     rendezvous = [
         f"--nnodes={spec.distributed.nodes}",
         "--rdzv-backend=c10d",
         Raw('--rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT}"'),
         Raw('--rdzv-id="${SLURM_JOB_ID}-${attempt}"'),
     ]
-    return launch_command(spec, f"{spec.run_dir}/{SPEC_FILE}", rendezvous)
+    spec_path = Raw(f'"${{run_dir}}"/{SPEC_FILE}') if array else f"{spec.run_dir}/{SPEC_FILE}"
+    return launch_command(spec, spec_path, rendezvous)
 
 
-def script(spec: JobSpec, profile: SlurmProfile) -> str:
-    return render_script(spec, profile, trainer_words(spec))
+def script(spec: JobSpec, profile: SlurmProfile, array: Array | None = None) -> str:
+    return render_script(spec, profile, trainer_words(spec, array), array)
 
 
-__all__ = ["SCRIPT_FILE", "SPEC_FILE", "script", "sbatch_options", "pyxis_image", "apptainer_image", "account"]
+__all__ = ["Array", "SCRIPT_FILE", "SPEC_FILE", "script", "sbatch_options", "pyxis_image", "apptainer_image", "account"]
