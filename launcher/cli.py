@@ -296,7 +296,7 @@ def _pipeline_plan(path: str, sets: tuple[str, ...], cluster: str) -> Any:
     from launcher.pipeline import describe, load_pipeline
 
     pipeline = load_pipeline(path, list(sets))
-    for line in describe(pipeline, local=cluster == "local"):
+    for line in describe(pipeline, local=cluster == "local", kueue=cluster == "k8s"):
         click.echo(("# " + line) if cluster == "k8s" else line)
     return pipeline
 
@@ -721,14 +721,18 @@ def export(run_dir: str, onnx: bool, quantize: str) -> None:
 @click.argument("runs", nargs=-1, required=True, metavar="RUN...")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default="mbl-plot.png", show_default=True,
               help="The PNG to write.")
-def plot(runs: tuple[str, ...], out: str) -> None:
+@click.option("--stage", "stages", multiple=True, metavar="NAME",
+              help="With a pipeline file: only the points of this stage (repeatable).")
+def plot(runs: tuple[str, ...], out: str, stages: tuple[str, ...]) -> None:
     """A PNG of training loss, evaluations, tokens/s and learning rate of runs, to compare them at a glance.
 
     \b
-    RUN is a run directory or the name of a submitted job. For interactive curves, TensorBoard reads
-    each run's tb/ folder: tensorboard --logdir runs/
-    Example:
+    RUN is a run directory, the name of a submitted job, or a pipeline file (every point of its stages that
+    has logged steps: a sweep's points side by side). For interactive curves, TensorBoard reads each run's
+    tb/ folder: tensorboard --logdir runs/
+    Examples:
       mbl plot runs/tiny-pretrain runs/tiny-finetune -o curves.png
+      mbl plot examples/pipeline-tiny.yaml --stage classify -o classify.png
     """
     from launcher.plot import plot as draw
 
@@ -738,6 +742,9 @@ def plot(runs: tuple[str, ...], out: str) -> None:
         if path.is_dir():
             found.append((_run_label(path), path))
             continue
+        if path.is_file() and _is_pipeline(run):
+            found += _pipeline_runs(run, stages)
+            continue
         try:
             record = _registry().get(run)
         except MblError:
@@ -745,6 +752,25 @@ def plot(runs: tuple[str, ...], out: str) -> None:
                              hint="give a run directory (runs/NAME) or a name from `mbl list`") from None
         found.append((record.name, Path(record.run_dir)))
     click.echo(f"wrote {draw(found, Path(out))}")
+
+
+def _pipeline_runs(path: str, stages: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """(label, run directory) of every point of a pipeline's stages (or of `stages`) that has logged steps."""
+    from launcher import contract
+    from launcher.pipeline import load_pipeline
+
+    pipeline = load_pipeline(path)
+    names = [s.name for s in pipeline.stages]
+    unknown = [s for s in stages if s not in names]
+    if unknown:
+        raise UsageError(f"--stage {unknown[0]}: {path} has no such stage", hint=f"its stages: {', '.join(names)}")
+    found = [(f"{p.stage} {p.label}" if p.label else p.stage, Path(p.run_dir))
+             for s in pipeline.stages if not stages or s.name in stages for p in s.points
+             if (Path(p.run_dir) / contract.METRICS_FILE).exists()]
+    if not found:
+        raise UsageError(f"{path}: no point of {', '.join(stages) or 'any stage'} has logged steps yet",
+                         hint=f"run it first: mbl submit {path}")
+    return found
 
 
 def _run_label(run_dir: Path) -> str:

@@ -418,8 +418,9 @@ def _substitute(job: Any, run_dirs: dict[str, list[str]], origins: Origins,
     return REF.sub(replace, job)
 
 
-def describe(pipeline: Pipeline, local: bool = True) -> list[str]:
-    """The plan for people: each stage, what it waits for, its points with their run directories."""
+def describe(pipeline: Pipeline, local: bool = True, kueue: bool = False) -> list[str]:
+    """The plan for people: each stage, what it waits for, its points with their run directories. On Kubernetes
+    (`kueue`) every point is its own job from the start, admitted as the team's quota allows."""
     lines = [f"pipeline {pipeline.name!r} ({pipeline.path}): {len(pipeline.stages)} stage(s), "
              f"{len(pipeline.points)} job(s)"]
     for stage in pipeline.stages:
@@ -427,7 +428,8 @@ def describe(pipeline: Pipeline, local: bool = True) -> list[str]:
         if stage.after:
             head += f", after {', '.join(stage.after)}"
         if stage.swept:
-            head += f", sweep of {len(stage.points)} point(s), {stage.parallel(local)} at a time"
+            head += f", sweep of {len(stage.points)} point(s), " + (
+                "as many at a time as Kueue admits" if kueue else f"{stage.parallel(local)} at a time")
         lines.append(head)
         for p in stage.points:
             what = ", ".join(f"{k}={S.value_text(v)}" for k, v in p.overrides.items())

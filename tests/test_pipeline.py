@@ -319,6 +319,34 @@ def test_results_best_point_mean_std_json_and_csv(tmp_path):
     assert "best: lr0.001-seed1" in CliRunner().invoke(cli, ["results", str(tmp_path / "pipe.yaml")]).output
 
 
+def test_plot_compares_the_points_of_a_stage(tmp_path, monkeypatch):
+    from test_plot import make_run, png_size
+
+    import launcher.plot
+
+    write(tmp_path, two_stage(tmp_path))
+    runs = tmp_path / "runs"
+    make_run(runs / "pretrain", "pl-pretrain", "pretrain", 50)
+    make_run(runs / "classify-lr0.001-seed0", "pl-classify-lr0p001-seed0", "finetune", 50)
+    make_run(runs / "classify-lr3e-5-seed1", "pl-classify-lr3e-5-seed1", "finetune", 50)  # two points not run yet
+    pipe = str(tmp_path / "pipe.yaml")
+    out = tmp_path / "classify.png"
+    result = CliRunner().invoke(cli, ["plot", pipe, "--stage", "classify", "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert png_size(out) == (1320, 880)
+
+    seen = []
+    monkeypatch.setattr(launcher.plot, "plot", lambda found, path: seen.append(found) or path)
+    assert CliRunner().invoke(cli, ["plot", pipe, "-o", str(out)]).exit_code == 0
+    assert seen[-1] == [("pretrain", runs / "pretrain"), ("classify lr0.001-seed0", runs / "classify-lr0.001-seed0"),
+                        ("classify lr3e-5-seed1", runs / "classify-lr3e-5-seed1")]
+    bad = CliRunner().invoke(cli, ["plot", pipe, "--stage", "clasify"])
+    assert bad.exit_code == 2 and "has no such stage" in bad.output and "pretrain, classify" in bad.output
+    (runs / "pretrain" / "metrics.jsonl").unlink()
+    none = CliRunner().invoke(cli, ["plot", pipe, "--stage", "pretrain"])
+    assert none.exit_code == 2 and "no point of pretrain has logged steps yet" in none.output
+
+
 def test_every_example_pipeline_validates():
     for name in ("pipeline-tiny.yaml", "pipeline.yaml"):
         pipe = load_pipeline(REPO / "examples" / name)

@@ -73,6 +73,8 @@ def test_cli_renders_a_pipeline_for_k8s(tmp_path: Path, monkeypatch: pytest.Monk
     assert result.exit_code == 0, result.output
     docs = [d for d in yaml.safe_load_all(result.output) if d is not None]  # the plan is YAML comments
     assert sum(d["kind"] == "PyTorchJob" for d in docs) == 13
+    assert "#   classify: finetune, after pretrain, sweep of 4 point(s), as many at a time as Kueue admits" in \
+        result.output  # every point is a job from the start: Kueue's quota throttles them, not max_parallel
     dry = CliRunner().invoke(cli, ["submit", "--k8s", "--dry-run", *args])
     assert dry.exit_code == 0 and dry.output.count("kind: PyTorchJob") == 13, dry.output[-2000:]
 
