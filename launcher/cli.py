@@ -130,50 +130,39 @@ def validate(specs: tuple[str, ...], sets: tuple[str, ...], quiet: bool) -> None
       mbl validate examples/*.yaml
       mbl validate pretrain.yaml --set train.global_batch_size=4096
     """
-    from launcher.loading import load_spec
-
     failed: list[SpecError] = []
     for path in specs:
-        if _is_pipeline(path):
-            from launcher.pipeline import load_pipeline
-
-            try:
-                pipeline = load_pipeline(path, list(sets))
-            except SpecError as exc:
-                failed.append(exc)
-                click.echo(exc.render(), err=True)
-                continue
-            if not quiet:
-                stages = ", ".join(f"{s.name} ({len(s.points)})" if s.swept else s.name for s in pipeline.stages)
-                click.echo(f"ok: {path}: pipeline {pipeline.name!r}, {len(pipeline.points)} job(s): {stages}")
-            continue
-        if _is_policy(path):
-            from launcher.quota import load_policy
-
-            try:
-                policy = load_policy(path)
-            except SpecError as exc:
-                failed.append(exc)
-                click.echo(exc.render(), err=True)
-                continue
-            if not quiet:
-                teams = ", ".join(f"{n} ({t.gpus} GPUs)" for n, t in policy.teams.items())
-                click.echo(f"ok: {path}: quota policy, teams {teams}")
-            continue
         try:
-            spec = load_spec(path, list(sets))
+            line = _validated(path, sets)
         except SpecError as exc:
             failed.append(exc)
             click.echo(exc.render(), err=True)
             continue
         if not quiet:
-            click.echo(
-                f"ok: {path}: {spec.kind} {spec.name!r}, {spec.distributed.nodes} node(s) x "
-                f"{spec.distributed.gpus_per_node} GPU(s), global batch {spec.train.global_batch_size} = "
-                f"{spec.train.micro_batch_size} x {spec.grad_accum} accumulation x {spec.distributed.world_size} ranks"
-            )
+            click.echo(f"ok: {path}: {line}")
     if failed:
         sys.exit(2)
+
+
+def _validated(path: str, sets: tuple[str, ...]) -> str:
+    """What `mbl validate` says of a valid file (a pipeline, a quota policy or a job spec); SpecError if not."""
+    if _is_pipeline(path):
+        from launcher.pipeline import load_pipeline
+
+        pipeline = load_pipeline(path, list(sets))
+        stages = ", ".join(f"{s.name} ({len(s.points)})" if s.swept else s.name for s in pipeline.stages)
+        return f"pipeline {pipeline.name!r}, {len(pipeline.points)} job(s): {stages}"
+    if _is_policy(path):
+        from launcher.quota import load_policy
+
+        policy = load_policy(path)
+        return f"quota policy, teams {', '.join(f'{n} ({t.gpus} GPUs)' for n, t in policy.teams.items())}"
+    from launcher.loading import load_spec
+
+    spec = load_spec(path, list(sets))
+    d, t = spec.distributed, spec.train
+    return (f"{spec.kind} {spec.name!r}, {d.nodes} node(s) x {d.gpus_per_node} GPU(s), global batch "
+            f"{t.global_batch_size} = {t.micro_batch_size} x {spec.grad_accum} accumulation x {d.world_size} ranks")
 
 
 def _is_pipeline(path: str) -> bool:
