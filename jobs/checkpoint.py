@@ -12,17 +12,17 @@ one as it goes (DeepSpeed's writes are routed through the same writer), and repo
 rank 0. Rank 0 writes the manifest and the marker, renames the folder to `step-N`, replaces `latest`
 (tmp file + os.replace) and only then deletes older checkpoints (keep_last newest plus the best one).
 
-A save in the background (checkpoint.async_save, the periodic saves) blocks training only while the state is
-copied to host memory (jobs/snapshot.py: DeepSpeed's state dicts as its checkpoint engine receives them, this
-rank's data position and RNG states, the trainer state): then a thread of each rank writes, hashes and fsyncs
-those files, the ranks agree on a process group of their own (gloo) and rank 0 commits exactly as above,
-while training goes on. So `latest` moves only once every file of every rank is durable; a kill at any
-point of the background write leaves the previous checkpoint `latest`. One save is in flight at most: a new
-save first waits for the one being written. At every step boundary `poll()` (one small all_reduce, only while
-a write is in flight) lets the ranks see together that their writes are over, and a save that failed raises
-there; `wait()` does the same at once, blocking: before a preemption save (which blocks until durable, as
-the saves with async_save false do) and at the end of the run. The files are the same, byte for byte, as a
-blocking save writes.
+A save in the background (checkpoint.async_save, the periodic saves) blocks training only while the state
+is copied to host memory (jobs/snapshot.py: DeepSpeed's state dicts as its checkpoint engine receives them,
+this rank's data position and RNG states, the trainer state): then a thread of each rank writes, hashes and
+fsyncs those files at a lower CPU priority than training's, the ranks agree on a process group of their own
+(gloo) and rank 0 commits exactly as above, while training goes on. So `latest` moves only once every file
+of every rank is durable; a kill at any point of the background write leaves the previous checkpoint
+`latest`. One save is in flight at most: a new save first waits for the one being written. At every step
+boundary `poll()` (one small all_reduce, only while a write is in flight) lets the ranks see together that
+their writes are over, and a save that failed raises there; `wait()` does the same at once, blocking:
+before a preemption save (which blocks until durable, as the saves with async_save false do) and at the end
+of the run. The files are the same, byte for byte, as a blocking save writes.
 
 A failed write on any rank (ENOSPC, EDQUOT, ...) is seen by every rank at the next agreement point: the
 temporary folder is removed, the previous checkpoint stays intact and `latest`, and every rank raises
@@ -124,6 +124,16 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+
+
+def _yield_cpu_to_training(niceness: int = 10) -> None:
+    """Lower the calling thread's CPU priority (Linux: nice is per thread, and threads it starts inherit it,
+    the hashing helper included). Where the background write and the training loop's host thread compete for
+    a core, the scheduler then gives the core to training; an idle core still runs the write at full speed."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the write just runs at normal priority
+        pass
 
 
 class _HashingWriter:
@@ -413,6 +423,7 @@ class Checkpointer:
         """The thread of a background save: this rank's files, then the ranks' agreement and rank 0's commit on
         the writers' own process group. Its outcome is the same on every rank."""
         try:
+            _yield_cpu_to_training()
             self._delay(job.step, background=True)
             for path, fill, point in job.files:
                 self._write_one(job, path, fill, point)
@@ -797,15 +808,22 @@ def _to_universal(path: Path, out: Path) -> None:
 
 
 class StopFlag:
-    """SIGUSR1/SIGTERM only set a flag; `should_stop` is collective (an all_reduce at the step boundary, on
+    """SIGUSR1/SIGTERM only set a flag; `should_stop` is collective (an all_reduce at every step boundary, on
     `device`: the engine's, as NCCL needs) and also fires when env MBL_DEADLINE (unix time) is closer than the
-    measured save time + margin."""
+    measured save time + margin + two steps.
+
+    The all_reduce started at one boundary is read at the next one, so that no boundary waits for it: on a GPU
+    the host never drains the stream for it (the result comes back by a copy to pinned memory and an event, which
+    the next boundary finds long passed), on the CPU the collective runs on gloo's thread while the next step
+    computes. Every rank reads the same reduced value at the same step, so they all stop at the same step: the
+    boundary after the one where a rank saw the signal (one step later than a blocking check would)."""
 
     def __init__(self, device=None, margin: float | None = None):
         self.device = device if device is not None else torch.device("cpu")
         self.signal: int | None = None
         self.deadline = float(os.environ["MBL_DEADLINE"]) if os.environ.get("MBL_DEADLINE") else None
         self.margin = margin if margin is not None else float(os.environ.get("MBL_DEADLINE_MARGIN", "60"))
+        self._pending = None  # (wait, value, reason) of the all_reduce started at the previous boundary
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
@@ -813,12 +831,36 @@ class StopFlag:
         self.signal = signum
 
     def should_stop(self, save_seconds: float | None, step_seconds: float) -> tuple[bool, str]:
+        """Collective: (stop, why), from what the ranks saw at the previous boundary."""
         local = 1 if self.signal is not None else 0
         reason = f"signal {signal.Signals(self.signal).name}" if self.signal else ""
-        if self.deadline is not None:
-            needed = (save_seconds if save_seconds is not None else 30.0) + self.margin + step_seconds
+        if self.deadline is not None:  # the stop comes a boundary later: two steps, then the save
+            needed = (save_seconds if save_seconds is not None else 30.0) + self.margin + 2 * step_seconds
             if self.deadline - time.time() < needed:
                 local, reason = 1, reason or f"time limit (MBL_DEADLINE in {self.deadline - time.time():.0f}s)"
         flag = torch.tensor([local], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item()), reason or "another rank"
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        if self.device.type == "cuda":
+            work.wait()  # the current stream waits for the collective; the host does not
+            value = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            value.copy_(flag, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            pending = (done.synchronize, value, reason)
+        else:
+            pending = (work.wait, flag, reason)
+        previous, self._pending = self._pending, pending
+        return (False, "") if previous is None else self._read(previous, reason)
+
+    def drain(self) -> None:
+        """Finish the all_reduce in flight, if any (its answer is not needed): at the end of the loop."""
+        previous, self._pending = self._pending, None
+        if previous is not None:
+            previous[0]()
+
+    @staticmethod
+    def _read(pending, now: str) -> tuple[bool, str]:
+        wait, value, then = pending
+        wait()
+        stop = bool(value.item())
+        return stop, (then or now or "another rank") if stop else ""

@@ -3,7 +3,8 @@ and the stop flag.
 
 Each micro batch is built on the host by the kind's batch function and moved to the engine's device here.
 The loss stays on the device: it is summed there over the micro steps of a log interval and read once per
-interval, after one all_reduce, so a step never waits for the GPU to finish. A metrics row holds loss, lr,
+interval, after one all_reduce, so a step never waits for the GPU to finish; the stop flag's all_reduce is read
+a boundary later for the same reason (jobs/checkpoint.py StopFlag). A metrics row holds loss, lr,
 gradient norm, tokens/s, the total of steps and `data_share` (the share of the interval's wall time this rank's
 host spent building micro batches and starting their copies to the device: the loader's cost to the step), and is printed too (launcher/progress.py `step_line`); on CUDA
 also the peak memory allocated (GiB) and the model FLOPs utilization:
@@ -177,6 +178,7 @@ class Loop:
                     bar.close()
                 return code
             paused += self.paused  # evaluations and saves only: the stop flag's collective is a step's cost
+        self.flag.drain()
         with self.watchdog.long():  # the last periodic save is durable (or its error raised) before final/, DONE
             self.ckpt.wait()
         if bar:
@@ -190,6 +192,7 @@ class Loop:
         if step % eval_every == 0 and step < self.total:
             if evaluate(step) == "stop":
                 ctx.log("early stopping: no improvement")
+                self.flag.drain()
                 self.ckpt.wait()
                 return 0
         saving = step % every == 0 and step < self.total
@@ -201,6 +204,7 @@ class Loop:
         stop, reason = self.flag.should_stop(self.ckpt.save_seconds, step_seconds)
         if stop:
             ctx.log(f"stopping at step {step}: {reason}; saving and exiting {contract.REQUEUE_EXIT_CODE}")
+            self.flag.drain()
             if step % every != 0:
                 self.save()  # blocks until durable (after the write in flight, if any)
             self.ckpt.wait()  # this step's save, when it went to the background: durable before the exit

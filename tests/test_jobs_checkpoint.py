@@ -177,8 +177,9 @@ def test_kill9_at_every_point_inside_a_save_resumes_from_a_complete_checkpoint(p
 @pytest.mark.slow
 def test_a_slow_save_is_finished_after_sigterm(prepared, tmp_path):
     """MBL_FAULT_SAVE_DELAY: rank 1 sleeps 6 s inside the save of step 2. SIGTERM to both ranks during that sleep
-    (what torchrun forwards) does not cut the save short: it completes on both ranks, they stop at that step
-    and exit 75, and `latest` names the checkpoint, which verifies."""
+    (what torchrun forwards) does not cut the save short: it completes on both ranks, they agree to stop at the
+    next step boundary (step 3: the stop flag is read a boundary after it starts), save it and exit 75; `latest`
+    names step 3, and both checkpoints verify."""
     run = tmp_path / "run"
     spec = write_spec(run, prepared, "train.max_steps=50", "checkpoint.every_steps=2")
     procs, files = start(spec, tmp_path / "slow", env={"MBL_FAULT_SAVE_DELAY": "6@2", "MBL_FAULT_RANK": "1"})
@@ -203,8 +204,8 @@ def test_a_slow_save_is_finished_after_sigterm(prepared, tmp_path):
     saved = re.search(r"checkpoint step 2 saved in ([0-9.]+)s", outs[0])
     assert saved and float(saved.group(1)) >= 6.0, mbl_lines(outs[0])
     assert waited > 3.0  # the ranks were signalled inside the sleep, and kept saving
-    assert "stopping at step 2: signal SIGTERM" in outs[0], mbl_lines(outs[0])
-    assert latest(run) == "checkpoints/step-00000002" and checkpoints(run) == {2: None}
+    assert "stopping at step 3: signal SIGTERM" in outs[0], mbl_lines(outs[0])
+    assert latest(run) == "checkpoints/step-00000003" and checkpoints(run) == {2: None, 3: None}
 
 
 @pytest.mark.slow
@@ -492,10 +493,18 @@ def test_a_background_save_moves_latest_only_once_written_and_the_next_save_wait
     import torch
 
     gate = threading.Event()  # holds the background write before its first file
-    monkeypatch.setattr(Checkpointer, "_delay", lambda self, step, background=False: background and gate.wait(30))
+    niceness = {}  # of the thread that writes, and of the training thread
+
+    def held(self, step, background=False):
+        if background:
+            niceness["write"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            gate.wait(30)
+
+    monkeypatch.setattr(Checkpointer, "_delay", held)
     run, logs, engine = tmp_path / "run", [], FakeEngine()
     ckpt = saver(run, logs)
     ckpt.save(engine, trainer_state(1), {"position": 1})
+    assert niceness == {}  # a blocking save runs on the training thread, at its priority
     assert latest(run) == "checkpoints/step-00000001" and logs[-1].startswith("checkpoint step 1 saved in ")
 
     engine.train_step()  # weights 1.0
@@ -517,6 +526,9 @@ def test_a_background_save_moves_latest_only_once_written_and_the_next_save_wait
     blocking.join(30)
     assert done.is_set() and ckpt.in_flight is None
     assert latest(run) == "checkpoints/step-00000005" and checkpoints(run) == {1: None, 2: None, 5: None}
+    # The write yields the CPU to training: its thread runs 10 nice levels below the training thread.
+    training = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert niceness["write"] == min(training + 10, 19) and training < 19
     assert re.fullmatch(r"checkpoint step 2 saved in [0-9.]+s \(written in the background; training was blocked "
                         r"[0-9.]+s for the copy of 0\.00 GB to host memory\)", logs[-2]), logs
     folder = run / contract.CHECKPOINTS_DIR / step_name(2)

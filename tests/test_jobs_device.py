@@ -136,7 +136,12 @@ def test_marks_follow_the_tensor_and_factories_in_jobs_code(checked):
     # The stop flag makes its tensor with device=: its all_reduce passes the check.
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     try:
-        assert StopFlag(torch.device("cpu")).should_stop(None, 0.0) == (False, "another rank")
+        flag = StopFlag(torch.device("cpu"))
+        assert flag.should_stop(None, 0.0) == (False, "")  # started; read at the next boundary
+        flag.signal = signal.SIGUSR1
+        assert flag.should_stop(None, 0.0) == (False, "")  # the first boundary's answer: nobody asked to stop
+        assert flag.should_stop(None, 0.0) == (True, "signal SIGUSR1")
+        flag.drain()
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

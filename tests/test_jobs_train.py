@@ -257,12 +257,12 @@ def test_signals_save_at_the_current_step_and_exit_75(pretrained, tmp_path):
     latest = (run / contract.LATEST_FILE).read_text().strip()
     assert latest == f"checkpoints/step-{steps[-1]:08d}"
 
-    # Near the deadline (MBL_DEADLINE): one more step, save, exit 75.
+    # Near the deadline (MBL_DEADLINE): the first boundary sees it, the ranks agree at the second; save, exit 75.
     procs = spawn_ranks(spec, env={"MBL_DEADLINE": str(time.time() + 1000), "MBL_DEADLINE_MARGIN": "990"})
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [contract.REQUEUE_EXIT_CODE] * 2, outs
     assert "time limit" in outs[0]
-    assert train_rows(run)[-1]["step"] == steps[-1] + 1
+    assert train_rows(run)[-1]["step"] == steps[-1] + 2
 
 
 @pytest.mark.parametrize("stage,extra", [(0, []), (1, ["train.schedule=cosine"]),
