@@ -392,7 +392,7 @@ class Checkpointer:
         job = self._job
         if job is None:
             return
-        done = torch.tensor([0 if job.thread.is_alive() else 1], dtype=torch.int32, device=self.device)
+        done = torch.full((1,), 0 if job.thread.is_alive() else 1, dtype=torch.int32, device=self.device)
         dist.all_reduce(done, op=dist.ReduceOp.MIN)
         if done.item():
             self._end(job)
@@ -838,7 +838,9 @@ class StopFlag:
             needed = (save_seconds if save_seconds is not None else 30.0) + self.margin + 2 * step_seconds
             if self.deadline - time.time() < needed:
                 local, reason = 1, reason or f"time limit (MBL_DEADLINE in {self.deadline - time.time():.0f}s)"
-        flag = torch.tensor([local], dtype=torch.int32, device=self.device)
+        # torch.full fills on the device (the value is a kernel argument); torch.tensor([...], device=cuda) would
+        # copy from pageable host memory, and such a copy synchronizes the stream.
+        flag = torch.full((1,), local, dtype=torch.int32, device=self.device)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
         if self.device.type == "cuda":
             work.wait()  # the current stream waits for the collective; the host does not
