@@ -76,11 +76,12 @@ def wait_idle(timeout: float = 120) -> None:
     raise SystemExit(f"the nodes are not idle after {timeout:.0f}s: {states}")
 
 
-def spec_file(run: Path, sets: list[str]) -> Path:
+def spec_file(example: str, run: Path, sets: list[str]) -> Path:
+    """examples/<example> with `sets`, written into the run directory `run` as the trainer reads it."""
     from launcher.loading import load_spec
     from launcher.rundir import write_spec
 
-    spec = load_spec(REPO / "examples/pretrain-tiny.yaml", sets=[f"checkpoint.dir={run}", *sets])
+    spec = load_spec(REPO / "examples" / example, sets=[f"checkpoint.dir={run}", *sets])
     return write_spec(spec.resolved(REPO))
 
 
@@ -103,13 +104,8 @@ def main() -> None:
     profile = work / "profile.yaml"
     sh(sys.executable, str(REPO / "slurm/make_dev_profile.py"), "-o", str(profile), check=True)
 
-    prep = REPO / "examples/prepare-tiny.yaml"
-    from launcher.loading import load_spec
-    from launcher.rundir import write_spec
-
     data_run = work / "prepare"
-    prep_spec = write_spec(load_spec(prep, sets=[f"checkpoint.dir={data_run}", "distributed.gpus_per_node=1"])
-                           .resolved(REPO))
+    prep_spec = spec_file("prepare-tiny.yaml", data_run, ["distributed.gpus_per_node=1"])
     sh(str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "1", "-m", "jobs.train",
        "--spec", str(prep_spec), cwd=REPO, env=env, check=True)
     sets = [*COMMON, f"train.max_steps={args.steps}", f"checkpoint.every_steps={args.steps}",
@@ -125,7 +121,7 @@ def main() -> None:
                        str(REPO / "examples/pretrain-tiny.yaml"), "--set", f"name={name}", "--set", "team=ops",
                        "--set", f"checkpoint.dir={run}", *(x for s in sets for x in ("--set", s))]
             else:
-                spec = spec_file(run, [f"name={name}", *sets])
+                spec = spec_file("pretrain-tiny.yaml", run, [f"name={name}", *sets])
                 cmd = [args.torchx, "run", "-s", "slurm", "dist.ddp", "-j", "2x1", "--cpu", "1", "--gpu", "0",
                        "--memMB", "1024", "-m", "jobs.train", "--", "--spec", str(spec)]
             wait_idle()
@@ -141,9 +137,10 @@ def main() -> None:
             running, done = watch(job_id, t0)
             for log in REPO.glob(f"slurm-{job_id}*"):  # torchx's logs land in its "image" (the checkout)
                 shutil.move(log, run / log.name)
-            rows[tool].append((running, done, wall(run)))
+            trainer = wall(run)
+            rows[tool].append((running, done, trainer))
             print(f"{tool} run {i}: job {job_id}: running after {running:.1f} s, done after {done:.1f} s "
-                  f"(the trainer's own wall time {wall(run):.1f} s)", flush=True)
+                  f"(the trainer's own wall time {trainer:.1f} s)", flush=True)
     med = statistics.median
     report = {}
     for tool, r in rows.items():
